@@ -1,0 +1,450 @@
+"""Command-line interface. The only module that prints and chooses exit codes.
+
+Exit codes: 0 ok; 1 runtime failure; 2 usage error; 3 invalid configuration or state file;
+4 some events dead-lettered or still pending; 75 temporary failure (cron: just try again).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, TypeVar, cast
+
+import click
+from dateutil import parser as dateparser
+
+from slurm_tracker import __version__, api, pipeline, report
+from slurm_tracker.events import request_body
+from slurm_tracker.state import State, StateLock
+from slurm_tracker.config import Config, load_config, parse_duration, resolve_config_path
+from slurm_tracker.errors import (
+    ConfigError,
+    InputError,
+    StateError,
+    TemporaryFailure,
+    TrackerError,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNDELIVERED = 4
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL from sysexits.h
+
+log = logging.getLogger("slurm_tracker")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("slurm-tracker: %(levelname)s: %(message)s"))
+    root = logging.getLogger("slurm_tracker")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"slurm-tracker: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func: F) -> F:
+    """Turns domain errors into a message on stderr and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, StateError) as exc:
+            _fail(str(exc), EXIT_CONFIG)
+        except TemporaryFailure as exc:
+            _fail(f"{exc} (temporary: the next run will try again)", EXIT_TEMPFAIL)
+        except InputError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except TrackerError as exc:
+            _fail(str(exc), EXIT_FAILURE)
+        return None
+
+    return cast(F, wrapper)
+
+
+def _log_options(func: F) -> F:
+    func = click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")(func)
+    return click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="More detail: -v per-event lines and INFO logs, -vv DEBUG.",
+    )(func)
+
+
+def _config_option(func: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        metavar="PATH",
+        help="Config file (default: $SLURM_TRACKER_CONFIG, else /etc/slurm-tracker/config.yaml).",
+    )(func)
+
+
+def _parse_now(
+    _ctx: click.Context, _param: click.Parameter, value: Optional[str]
+) -> Optional[datetime]:
+    if value is None:
+        return None
+    try:
+        parsed = dateparser.isoparse(value)
+    except (ValueError, OverflowError) as exc:
+        raise click.BadParameter(
+            f"{value!r} is not an RFC 3339 time, e.g. 2026-05-01T12:00:00Z"
+        ) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def _load(config_path: Optional[str]) -> Config:
+    return load_config(resolve_config_path(config_path, os.environ))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slurm-tracker")
+def main() -> None:
+    """Bill Slurm job usage to the Allocations API, exactly once.
+
+    Run `slurm-tracker sync` from cron or a systemd timer every few minutes;
+    `slurm-tracker sync --dry-run` shows what would be sent, without sending or writing anything.
+    """
+
+
+def _state_path(config: Config, state_path: Optional[str]) -> Path:
+    return Path(state_path) if state_path else config.state_file
+
+
+def _client(config: Config) -> api.AllocationsClient:
+    """An API client from the config and the environment (the key is never printed)."""
+    if not config.api.organization:
+        raise ConfigError(config.source, ["api.organization: required to talk to the API"])
+    key = api.load_api_key(config.api.api_key_file, os.environ)
+    return api.AllocationsClient(
+        api.derive_base_url(config.api.url, key, os.environ),
+        config.api.organization,
+        key,
+        connect_timeout_s=config.api.connect_timeout_s,
+        read_timeout_s=config.api.read_timeout_s,
+        max_attempts=config.api.max_attempts,
+        max_retry_time_s=config.api.max_retry_time_s,
+        requests_per_second=config.api.requests_per_second,
+    )
+
+
+def _fields(sacct_fields: Optional[str]) -> Optional[list[str]]:
+    return [f.strip() for f in sacct_fields.split(",") if f.strip()] if sacct_fields else None
+
+
+def _input_options(func: F) -> F:
+    for option in reversed(
+        [
+            click.option(
+                "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+            ),
+            click.option(
+                "--sacct-file",
+                metavar="PATH",
+                help="Read saved sacct output (parsable with a header, or --json; '-' for stdin) "
+                "instead of running sacct.",
+            ),
+            click.option(
+                "--sacct-fields",
+                metavar="LIST",
+                help="Field list of a saved parsable file that has no header line.",
+            ),
+            click.option(
+                "--now", "now_at", metavar="RFC3339", callback=_parse_now,
+                help="Pin the clock (tests, replays).",
+            ),
+            click.option(
+                "--output", type=click.Choice(["table", "json"]), default="table",
+                show_default=True,
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _show_plan(
+    plan: pipeline.Plan, window: Optional[pipeline.Window], source: str, output: str, verbose: int
+) -> None:
+    totals = pipeline.totals(plan.events)
+    if output == "json":
+        click.echo(json.dumps(report.plan_json(plan, totals, window), indent=2))
+    else:
+        click.echo(report.plan_text(plan, totals, window, source=source, verbose=verbose > 0))
+
+
+@main.command()
+@_config_option
+@click.option("--dry-run", is_flag=True, help="Plan and show; write no state, send nothing.")
+@_input_options
+@_log_options
+@handles_errors
+def sync(
+    config_path: Optional[str],
+    dry_run: bool,
+    state_path: Optional[str],
+    sacct_file: Optional[str],
+    sacct_fields: Optional[str],
+    now_at: Optional[datetime],
+    output: str,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Read job accounting, plan the usage not yet reported, and post it.
+
+    Run it from cron or a systemd timer every few minutes. With --dry-run it shows what
+    would be posted and what it costs, from the state as it is, and changes nothing.
+    """
+    _setup_logging(verbose, quiet)
+    config = _load(config_path)
+    now_at = now_at or pipeline.utc_now()
+    catalog = pipeline.load_catalog(config)
+    path = _state_path(config, state_path)
+    stdin = click.get_binary_stream("stdin")
+    if dry_run:
+        with State.open(path, readonly=True) as store:
+            window = pipeline.sync_window(now_at, store.high_water_at(), config.sacct)
+            given = pipeline.gather(config, window, sacct_file, stdin, os.environ)
+            parsed = pipeline.parse_input(config, given, _fields(sacct_fields))
+            reported = store.reported(r.run for r in parsed.records)
+        plan = pipeline.plan_usage(parsed, reported, config, catalog)
+        _show_plan(plan, given.window, given.source, output, verbose)
+        return
+    client = _client(config)
+    with StateLock(path) as lock:
+        lock.acquire(now_at)
+        with State.open(path) as store:
+            result = pipeline.sync_once(
+                config, store, client, catalog,
+                pipeline.SyncRequest(now_at, sacct_file, _fields(sacct_fields), stdin, os.environ),
+            )
+    _finish(result, output)
+
+
+def _finish(result: pipeline.SyncResult, output: str) -> None:
+    """Print a sync's summary and exit with the code its outcome calls for."""
+    if output == "json":
+        click.echo(json.dumps(report.sync_json(result), indent=2))
+    else:
+        click.echo(report.sync_text(result))
+    code = {
+        "ok": EXIT_OK,
+        "undelivered": EXIT_UNDELIVERED,
+        "unavailable": EXIT_TEMPFAIL,
+        "auth": EXIT_FAILURE,
+    }[result.outcome]
+    if result.outcome == "auth":
+        click.echo(f"slurm-tracker: error: {result.delivery.auth_error}", err=True)
+    elif result.outcome == "unavailable":
+        click.echo(
+            f"slurm-tracker: error: {result.delivery.unavailable} "
+            "(temporary: the next run will try again)",
+            err=True,
+        )
+    sys.exit(code)
+
+
+@main.command()
+@_config_option
+@click.option("--start", "start", required=True, metavar="DATE", callback=_parse_now,
+              help="First day (or RFC 3339 time) to load, UTC.")
+@click.option("--end", "end", required=True, metavar="DATE", callback=_parse_now,
+              help="End (exclusive) of the period, UTC.")
+@click.option("--chunk", default=None, metavar="DURATION",
+              help="One sacct call per chunk (default: sacct.backfill_chunk, 1d).")
+@click.option("--dry-run", is_flag=True, help="Plan and show; write no state, send nothing.")
+@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_log_options
+@handles_errors
+def backfill(
+    config_path: Optional[str],
+    start: datetime,
+    end: datetime,
+    chunk: Optional[str],
+    dry_run: bool,
+    state_path: Optional[str],
+    output: str,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Load history: one sacct call per chunk of [START, END), with a pause between chunks.
+
+    Usage already reported (by syncs or an earlier backfill) is not reported again; the
+    high-water mark of the regular sync is left alone.
+    """
+    _setup_logging(verbose, quiet)
+    config = _load(config_path)
+    if end <= start:
+        raise click.BadParameter("--end must be after --start", param_hint="--end")
+    try:
+        chunk_s = parse_duration(chunk) if chunk else config.sacct.backfill_chunk_s
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--chunk") from exc
+    catalog = pipeline.load_catalog(config)
+    path = _state_path(config, state_path)
+    windows = pipeline.chunks(start, end, chunk_s)
+    if dry_run:
+        with State.open(path, readonly=True) as store:
+            plan = pipeline.backfill_plan(config, store, catalog, windows, os.environ)
+        _show_plan(plan, pipeline.Window(start, end), f"sacct ({config.sacct.path})", output, verbose)
+        return
+    client = _client(config)
+    now_at = pipeline.utc_now()
+    with StateLock(path) as lock:
+        lock.acquire(now_at)
+        with State.open(path) as store:
+            result = pipeline.backfill(config, store, client, catalog, windows, os.environ)
+    _finish(result, output)
+
+
+@main.command()
+@_config_option
+@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--now", "now_at", metavar="RFC3339", callback=_parse_now, hidden=True)
+@_log_options
+@handles_errors
+def status(
+    config_path: Optional[str],
+    state_path: Optional[str],
+    output: str,
+    now_at: Optional[datetime],
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """High-water mark, outbox backlog, recent totals and the last sync's outcome."""
+    _setup_logging(verbose, quiet)
+    config = _load(config_path)
+    now_at = now_at or pipeline.utc_now()
+    with State.open(_state_path(config, state_path), readonly=True) as store:
+        info = report.status_info(store, now_at)
+    if output == "json":
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        click.echo(report.status_text(info))
+
+
+@main.command()
+@_config_option
+@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option("--online", is_flag=True, help="Also check the API key, allocations and SKUs.")
+@_log_options
+@handles_errors
+def check(
+    config_path: Optional[str], state_path: Optional[str], online: bool, verbose: int, quiet: bool
+) -> None:
+    """Validate the configuration, the catalog and the state file (and the API with --online)."""
+    _setup_logging(verbose, quiet)
+    config = _load(config_path)
+    click.echo(f"config      {config.source}: valid")
+    catalog = pipeline.load_catalog(config)
+    if catalog is not None:
+        click.echo(f"catalog     {len(catalog.skus)} SKUs in {len(catalog.units)} units: valid")
+        for warning in pipeline.catalog_warnings(config, catalog):
+            click.echo(f"warning     {warning}")
+    path = _state_path(config, state_path)
+    if path.exists():
+        with State.open(path, readonly=True) as store:
+            counts = store.counts()
+        click.echo(f"state file  {path}: readable ({counts['pending']} pending, {counts['dead']} dead)")
+    else:
+        click.echo(f"state file  {path}: not created yet (the first sync creates it)")
+    if online:
+        problems = pipeline.check_online(config, _client(config))
+        for problem in problems:
+            click.echo(f"problem     {problem}")
+        if problems:
+            sys.exit(EXIT_CONFIG)
+        click.echo("api         key accepted; every mapped allocation and SKU exists")
+
+
+@main.group()
+def outbox() -> None:
+    """See and deal with events the API refused (dead-lettered) or has not taken yet."""
+
+
+@outbox.command("list")
+@_config_option
+@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["pending", "sending", "acked", "dead", "dropped"]),
+              help="Only these statuses (repeatable; default: pending, sending and dead).")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@handles_errors
+def outbox_list(
+    config_path: Optional[str], state_path: Optional[str], statuses: tuple[str, ...], output: str
+) -> None:
+    """List outbox events."""
+    config = _load(config_path)
+    with State.open(_state_path(config, state_path), readonly=True) as store:
+        rows = store.outbox(statuses or ("pending", "sending", "dead"))
+    if output == "json":
+        click.echo(json.dumps([report.outbox_json(r) for r in rows], indent=2))
+    else:
+        click.echo(report.outbox_text(rows))
+
+
+def _outbox_change(
+    config_path: Optional[str], state_path: Optional[str], keys: tuple[str, ...], all_: bool,
+    verb: str,
+) -> None:
+    if not keys and not all_:
+        raise click.UsageError(f"name the event keys to {verb}, or pass --all")
+    config = _load(config_path)
+    path = _state_path(config, state_path)
+    now_at = pipeline.utc_now()
+    with StateLock(path) as lock:
+        lock.acquire(now_at)
+        with State.open(path) as store:
+            change = store.retry if verb == "retry" else store.drop
+            count = change(None if all_ else list(keys), now_at)
+    done = "back to pending (the next sync sends them)" if verb == "retry" else "dropped"
+    click.echo(f"{count} event{'s' if count != 1 else ''} {done}")
+
+
+@outbox.command("retry")
+@_config_option
+@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option("--all", "all_", is_flag=True, help="Every dead event.")
+@click.argument("keys", nargs=-1)
+@handles_errors
+def outbox_retry(
+    config_path: Optional[str], state_path: Optional[str], all_: bool, keys: tuple[str, ...]
+) -> None:
+    """Put dead (or dropped) events back in the queue, e.g. after fixing an allocation."""
+    _outbox_change(config_path, state_path, keys, all_, "retry")
+
+
+@outbox.command("drop")
+@_config_option
+@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option("--all", "all_", is_flag=True, help="Every dead event.")
+@click.argument("keys", nargs=-1)
+@handles_errors
+def outbox_drop(
+    config_path: Optional[str], state_path: Optional[str], all_: bool, keys: tuple[str, ...]
+) -> None:
+    """Give up dead events: they are kept, marked dropped, and never sent."""
+    _outbox_change(config_path, state_path, keys, all_, "drop")

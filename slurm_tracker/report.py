@@ -1,0 +1,332 @@
+"""Renders results for people (tables) and programs (JSON). Pure: returns text and dicts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Optional
+
+from slurm_tracker.events import rfc3339
+from slurm_tracker.models import METRIC_UNITS, PlannedEvent
+from slurm_tracker.pipeline import Plan, SyncResult, Total, Window
+from slurm_tracker.state import OutboxRow, State
+
+LIST_LIMIT = 20  # rows of skipped/rejected shown without -v
+
+
+def number(value: Optional[Decimal]) -> Optional[float]:
+    """A JSON number for a 6-decimal Decimal (round-trips exactly through float's repr)."""
+    return None if value is None else float(value)
+
+
+def event_json(event: PlannedEvent) -> dict[str, Any]:
+    rated = event.rated
+    return {
+        "allocation": event.allocation,
+        "sku": event.sku,
+        "quantity": number(event.quantity),
+        "startedAt": rfc3339(event.started_at),
+        "endedAt": rfc3339(event.ended_at),
+        "user": event.user,
+        "metadata": dict(event.metadata),
+        "rated": None
+        if rated is None
+        else {"unit": rated.unit, "amount": number(rated.amount), "usd": number(rated.usd)},
+    }
+
+
+def total_json(total: Total) -> dict[str, Any]:
+    return {
+        "allocation": total.allocation,
+        "sku": total.sku,
+        "metric": total.metric,
+        "events": total.events,
+        "quantity": number(total.quantity),
+        "unit": total.unit,
+        "amount": number(total.amount),
+        "usd": number(total.usd),
+    }
+
+
+def plan_json(plan: Plan, totals: Sequence[Total], window: Optional[Window]) -> dict[str, Any]:
+    """The document of ``sync --dry-run --output json`` (see DESIGN.md)."""
+    return {
+        "window": None
+        if window is None
+        else {"start": rfc3339(window.start_at), "end": rfc3339(window.end_at)},
+        "counts": {
+            "records": plan.records,
+            "events": len(plan.events),
+            "skipped": len(plan.skipped),
+            "rejected": len(plan.rejected),
+            "stepsIgnored": plan.steps_ignored,
+        },
+        "events": [event_json(e) for e in plan.events],
+        "skipped": [{"jobId": s.job_id, "reason": s.reason} for s in plan.skipped],
+        "rejected": [{"line": r.line, "reason": r.reason} for r in plan.rejected],
+        "ratingProblems": list(plan.rating_problems),
+        "totals": [total_json(t) for t in totals],
+    }
+
+
+def _fmt(value: Optional[Decimal], places: int = 6) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{places}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int]) -> str:
+    """A plain aligned text table; columns whose index is in ``right`` are right-aligned."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def plan_text(
+    plan: Plan,
+    totals: Sequence[Total],
+    window: Optional[Window],
+    *,
+    source: str,
+    verbose: bool = False,
+    dry_run: bool = True,
+) -> str:
+    """The human-readable summary of a planned sync."""
+    out: list[str] = []
+    head = "Dry run (nothing written, nothing sent)" if dry_run else "Sync plan"
+    span = f"window {rfc3339(window.start_at)} .. {rfc3339(window.end_at)}, " if window else ""
+    out.append(f"{head}: {span}input {source}")
+    out.append(
+        f"{plan.records} job records: {len(plan.events)} events planned, "
+        f"{len(plan.skipped)} skipped, {len(plan.rejected)} rejected"
+        + (f" ({plan.steps_ignored} step records ignored)" if plan.steps_ignored else "")
+    )
+    out.append("")
+    if totals:
+        rows = [
+            [
+                t.allocation,
+                t.sku,
+                METRIC_UNITS[t.metric],
+                str(t.events),
+                _fmt(t.quantity),
+                _fmt(t.amount),
+                t.unit or "-",
+                _fmt(t.usd, 2),
+            ]
+            for t in totals
+        ]
+        out.append(
+            table(
+                ["ALLOCATION", "SKU", "MEASURE", "EVENTS", "QUANTITY", "AMOUNT", "UNIT", "USD"],
+                rows,
+                right=(3, 4, 5, 7),
+            )
+        )
+    else:
+        out.append("No usage to report.")
+    if verbose and plan.events:
+        out += ["", "Events:"]
+        rows = [
+            [
+                e.allocation,
+                e.sku,
+                str(e.metadata.get("jobId", "")),
+                e.user,
+                rfc3339(e.started_at),
+                rfc3339(e.ended_at),
+                _fmt(e.quantity),
+                _fmt(e.rated.amount if e.rated else None),
+                e.event_key,
+            ]
+            for e in plan.events
+        ]
+        out.append(
+            table(
+                [
+                    "ALLOCATION",
+                    "SKU",
+                    "JOB",
+                    "USER",
+                    "STARTED",
+                    "ENDED",
+                    "QUANTITY",
+                    "AMOUNT",
+                    "EVENT KEY",
+                ],
+                rows,
+                right=(6, 7),
+            )
+        )
+    if plan.rating_problems:
+        out += ["", f"Not rated ({len(plan.rating_problems)}): the catalog has no rate for:"]
+        out += [f"  {p}" for p in _limit(plan.rating_problems, verbose)]
+    if plan.skipped:
+        out += ["", f"Skipped ({len(plan.skipped)}):"]
+        reasons = Counter(_reason_kind(s.reason) for s in plan.skipped)
+        if verbose:
+            out += [f"  {s.job_id}: {s.reason}" for s in plan.skipped]
+        else:
+            out += [f"  {n:>6}  {kind}" for kind, n in reasons.most_common()]
+    if plan.rejected:
+        out += ["", f"Rejected ({len(plan.rejected)} malformed records, not billed):"]
+        out += [f"  line {r.line}: {r.reason}" for r in _limit(plan.rejected, verbose)]
+    hidden = (
+        0
+        if verbose
+        else max(0, len(plan.rejected) - LIST_LIMIT)
+        + max(0, len(plan.rating_problems) - LIST_LIMIT)
+    )
+    if hidden:
+        out.append(f"  ... {hidden} more lines: use -v or --output json")
+    return "\n".join(out)
+
+
+def _limit(items: Sequence[Any], verbose: bool) -> Sequence[Any]:
+    return items if verbose else items[:LIST_LIMIT]
+
+
+def _reason_kind(reason: str) -> str:
+    """Group skip reasons for the summary: the part before any per-job figures."""
+    if reason.startswith("running:"):
+        return "running, below the reporting interval"
+    return reason.split(" (", 1)[0]
+
+
+def sync_json(result: SyncResult) -> dict[str, Any]:
+    d = result.delivery
+    return {
+        "outcome": result.outcome,
+        "window": None
+        if result.window is None
+        else {"start": rfc3339(result.window.start_at), "end": rfc3339(result.window.end_at)},
+        "planned": result.new_events,
+        "posted": d.acked,
+        "foundByLookup": d.found_by_lookup,
+        "deadThisRun": d.dead,
+        "pending": result.outbox.get("pending", 0) + result.outbox.get("sending", 0),
+        "dead": result.outbox.get("dead", 0),
+        "skipped": len(result.plan.skipped),
+        "rejected": len(result.plan.rejected),
+        "rejectedRecords": [{"line": r.line, "reason": r.reason} for r in result.plan.rejected],
+    }
+
+
+def sync_text(result: SyncResult) -> str:
+    j = sync_json(result)
+    lines = [
+        f"sync {j['outcome']}: {j['planned']} new events planned, {j['posted']} posted"
+        + (f" ({j['foundByLookup']} already on the API, found by event key)" if j["foundByLookup"] else "")
+        + f", {j['pending']} pending, {j['dead']} dead; "
+        f"{j['skipped']} runs skipped, {j['rejected']} records rejected",
+    ]
+    for r in result.plan.rejected[:LIST_LIMIT]:
+        lines.append(f"  rejected line {r.line}: {r.reason}")
+    if j["dead"]:
+        lines.append("  dead-lettered events: see `slurm-tracker outbox list --status dead`")
+    return "\n".join(lines)
+
+
+def status_info(store: State, now_at: datetime) -> dict[str, Any]:
+    """What `slurm-tracker status` reports, as plain values."""
+    high = store.high_water_at()
+    waiting = store.outbox(("pending", "sending"), limit=1)
+    counts = store.counts()
+
+    def totals(since_at: datetime) -> list[dict[str, Any]]:
+        return [
+            {"allocation": a, "sku": s, "quantity": number(q), "events": n}
+            for a, s, q, n in store.totals_since(since_at)
+        ]
+
+    last = store.last_sync()
+    return {
+        "stateFile": str(store.path),
+        "highWaterMark": rfc3339(high) if high else None,
+        "highWaterAgeSeconds": int((now_at - high).total_seconds()) if high else None,
+        "outbox": counts,
+        "oldestPending": rfc3339(waiting[0].created_at) if waiting else None,
+        "reportedLastDay": totals(now_at - timedelta(days=1)),
+        "reportedLast30Days": totals(now_at - timedelta(days=30)),
+        "lastSync": None
+        if last is None
+        else {
+            "startedAt": rfc3339(last["startedAt"]),
+            "finishedAt": rfc3339(last["finishedAt"]),
+            "outcome": last["outcome"],
+            **last["summary"],
+        },
+    }
+
+
+def status_text(info: dict[str, Any]) -> str:
+    age = info["highWaterAgeSeconds"]
+    out = [
+        f"state file      {info['stateFile']}",
+        "high-water mark "
+        + (f"{info['highWaterMark']} ({_age(age)} ago)" if age is not None else "none (no sync yet)"),
+        "outbox          "
+        + ", ".join(f"{n} {s}" for s, n in info["outbox"].items() if n or s in ("pending", "dead")),
+    ]
+    if info["oldestPending"]:
+        out.append(f"oldest pending  {info['oldestPending']}")
+    last = info["lastSync"]
+    if last:
+        out.append(
+            f"last sync       {last['finishedAt']}: {last['outcome']} "
+            f"({last.get('posted', 0)} posted, {last.get('pending', 0)} pending, "
+            f"{last.get('dead', 0)} dead)"
+        )
+    for title, key in (("last day", "reportedLastDay"), ("last 30 days", "reportedLast30Days")):
+        rows = [[t["allocation"], t["sku"], str(t["events"]), f"{t['quantity']:.6f}"] for t in info[key]]
+        out += ["", f"Reported over the {title}:"]
+        out.append(table(["ALLOCATION", "SKU", "EVENTS", "QUANTITY"], rows, (2, 3)) if rows else "  nothing")
+    return "\n".join(out)
+
+
+def _age(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
+
+
+def outbox_json(row: OutboxRow) -> dict[str, Any]:
+    return {
+        "eventKey": row.event_key,
+        "allocation": row.allocation,
+        "sku": row.sku,
+        "quantity": number(row.quantity),
+        "status": row.status,
+        "attempts": row.attempts,
+        "lastError": row.last_error,
+        "eventId": row.event_id,
+        "createdAt": rfc3339(row.created_at),
+        "updatedAt": rfc3339(row.updated_at),
+    }
+
+
+def outbox_text(rows: Sequence[OutboxRow]) -> str:
+    if not rows:
+        return "no events"
+    return table(
+        ["STATUS", "ALLOCATION", "SKU", "QUANTITY", "TRIES", "EVENT KEY", "LAST ERROR"],
+        [
+            [r.status, r.allocation, r.sku, f"{r.quantity:.6f}", str(r.attempts), r.event_key,
+             r.last_error[:80]]
+            for r in rows
+        ],
+        (3, 4),
+    )

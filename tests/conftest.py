@@ -1,0 +1,39 @@
+"""Shared fixtures.
+
+Third-party material (public sacct captures, the API contract) stays in ``../shared`` and is
+read from there. CI always has it; elsewhere the tests that need it skip with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SLURM_TRACKER_SHARED", REPO.parent / "shared"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need_shared(relative: str) -> Path:
+    """Path of a file in ../shared; skip outside CI when it is missing, fail in CI."""
+    path = SHARED / relative
+    if not path.exists():
+        message = f"{path} not found: third-party test material lives in ../shared"
+        if IN_CI:
+            pytest.fail(message + " (CI must have it)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def public_fixtures() -> Path:
+    """The folder of real, public sacct captures (see its MANIFEST.md)."""
+    return need_shared("fixtures/sacct/public")
+
+
+@pytest.fixture
+def openapi_contract() -> Path:
+    """The Allocations API contract (OpenAPI 3.1)."""
+    return need_shared("reference/allocations-openapi.json")

@@ -1,0 +1,49 @@
+"""Small builders of model values for tests."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, Optional
+
+from slurm_tracker.models import JobRecord, Tres
+
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+
+
+def record(
+    *,
+    job_id: str = "1001",
+    elapsed_s: int = 3600,
+    start_at: Optional[datetime] = T0,
+    final: bool = True,
+    cpu: int = 4,
+    gpu: int = 0,
+    mem_mb: int = 8192,
+    node: int = 1,
+    billing: int = 4,
+    account: str = "physics",
+    partition: str = "compute",
+    user: str = "alice",
+    submit_at: Optional[datetime] = None,
+    cluster: str = "box",
+    **extra: Any,
+) -> JobRecord:
+    submit = submit_at or (start_at - timedelta(minutes=5) if start_at else T0)
+    end_at = start_at + timedelta(seconds=elapsed_s) if (final and start_at) else None
+    return JobRecord(
+        cluster=cluster,
+        job_id=job_id,
+        job_id_raw=job_id,
+        submit_at=submit,
+        start_at=start_at,
+        end_at=end_at,
+        elapsed_s=elapsed_s,
+        state="COMPLETED" if final else "RUNNING",
+        account=account,
+        partition=partition,
+        user=user,
+        tres=Tres(cpu=cpu, mem_mb=Decimal(mem_mb), node=node, gpu=gpu, billing=billing),
+        job_name=extra.pop("job_name", "job"),
+        extra=extra,
+    )
