@@ -19,9 +19,7 @@ from typing import Any, Optional, TypeVar, cast
 import click
 from dateutil import parser as dateparser
 
-from slurm_tracker import __version__, api, pipeline, report
-from slurm_tracker.events import request_body
-from slurm_tracker.state import State, StateLock
+from slurm_tracker import __version__, api, pipeline, rating, report
 from slurm_tracker.config import Config, load_config, parse_duration, resolve_config_path
 from slurm_tracker.errors import (
     ConfigError,
@@ -30,6 +28,7 @@ from slurm_tracker.errors import (
     TemporaryFailure,
     TrackerError,
 )
+from slurm_tracker.state import State, StateLock
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -157,7 +156,10 @@ def _input_options(func: F) -> F:
     for option in reversed(
         [
             click.option(
-                "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+                "--state",
+                "state_path",
+                metavar="PATH",
+                help="State file (default: from the config).",
             ),
             click.option(
                 "--sacct-file",
@@ -171,11 +173,16 @@ def _input_options(func: F) -> F:
                 help="Field list of a saved parsable file that has no header line.",
             ),
             click.option(
-                "--now", "now_at", metavar="RFC3339", callback=_parse_now,
+                "--now",
+                "now_at",
+                metavar="RFC3339",
+                callback=_parse_now,
                 help="Pin the clock (tests, replays).",
             ),
             click.option(
-                "--output", type=click.Choice(["table", "json"]), default="table",
+                "--output",
+                type=click.Choice(["table", "json"]),
+                default="table",
                 show_default=True,
             ),
         ]
@@ -236,7 +243,10 @@ def sync(
         lock.acquire(now_at)
         with State.open(path) as store:
             result = pipeline.sync_once(
-                config, store, client, catalog,
+                config,
+                store,
+                client,
+                catalog,
                 pipeline.SyncRequest(now_at, sacct_file, _fields(sacct_fields), stdin, os.environ),
             )
     _finish(result, output)
@@ -267,14 +277,32 @@ def _finish(result: pipeline.SyncResult, output: str) -> None:
 
 @main.command()
 @_config_option
-@click.option("--start", "start", required=True, metavar="DATE", callback=_parse_now,
-              help="First day (or RFC 3339 time) to load, UTC.")
-@click.option("--end", "end", required=True, metavar="DATE", callback=_parse_now,
-              help="End (exclusive) of the period, UTC.")
-@click.option("--chunk", default=None, metavar="DURATION",
-              help="One sacct call per chunk (default: sacct.backfill_chunk, 1d).")
+@click.option(
+    "--start",
+    "start",
+    required=True,
+    metavar="DATE",
+    callback=_parse_now,
+    help="First day (or RFC 3339 time) to load, UTC.",
+)
+@click.option(
+    "--end",
+    "end",
+    required=True,
+    metavar="DATE",
+    callback=_parse_now,
+    help="End (exclusive) of the period, UTC.",
+)
+@click.option(
+    "--chunk",
+    default=None,
+    metavar="DURATION",
+    help="One sacct call per chunk (default: sacct.backfill_chunk, 1d).",
+)
 @click.option("--dry-run", is_flag=True, help="Plan and show; write no state, send nothing.")
-@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option(
+    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+)
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_log_options
 @handles_errors
@@ -308,7 +336,9 @@ def backfill(
     if dry_run:
         with State.open(path, readonly=True) as store:
             plan = pipeline.backfill_plan(config, store, catalog, windows, os.environ)
-        _show_plan(plan, pipeline.Window(start, end), f"sacct ({config.sacct.path})", output, verbose)
+        _show_plan(
+            plan, pipeline.Window(start, end), f"sacct ({config.sacct.path})", output, verbose
+        )
         return
     client = _client(config)
     now_at = pipeline.utc_now()
@@ -321,7 +351,9 @@ def backfill(
 
 @main.command()
 @_config_option
-@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option(
+    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+)
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--now", "now_at", metavar="RFC3339", callback=_parse_now, hidden=True)
 @_log_options
@@ -348,7 +380,9 @@ def status(
 
 @main.command()
 @_config_option
-@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option(
+    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+)
 @click.option("--online", is_flag=True, help="Also check the API key, allocations and SKUs.")
 @_log_options
 @handles_errors
@@ -368,7 +402,9 @@ def check(
     if path.exists():
         with State.open(path, readonly=True) as store:
             counts = store.counts()
-        click.echo(f"state file  {path}: readable ({counts['pending']} pending, {counts['dead']} dead)")
+        click.echo(
+            f"state file  {path}: readable ({counts['pending']} pending, {counts['dead']} dead)"
+        )
     else:
         click.echo(f"state file  {path}: not created yet (the first sync creates it)")
     if online:
@@ -387,10 +423,16 @@ def outbox() -> None:
 
 @outbox.command("list")
 @_config_option
-@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
-@click.option("--status", "statuses", multiple=True,
-              type=click.Choice(["pending", "sending", "acked", "dead", "dropped"]),
-              help="Only these statuses (repeatable; default: pending, sending and dead).")
+@click.option(
+    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["pending", "sending", "acked", "dead", "dropped"]),
+    help="Only these statuses (repeatable; default: pending, sending and dead).",
+)
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @handles_errors
 def outbox_list(
@@ -407,7 +449,10 @@ def outbox_list(
 
 
 def _outbox_change(
-    config_path: Optional[str], state_path: Optional[str], keys: tuple[str, ...], all_: bool,
+    config_path: Optional[str],
+    state_path: Optional[str],
+    keys: tuple[str, ...],
+    all_: bool,
     verb: str,
 ) -> None:
     if not keys and not all_:
@@ -426,7 +471,9 @@ def _outbox_change(
 
 @outbox.command("retry")
 @_config_option
-@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option(
+    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+)
 @click.option("--all", "all_", is_flag=True, help="Every dead event.")
 @click.argument("keys", nargs=-1)
 @handles_errors
@@ -439,7 +486,9 @@ def outbox_retry(
 
 @outbox.command("drop")
 @_config_option
-@click.option("--state", "state_path", metavar="PATH", help="State file (default: from the config).")
+@click.option(
+    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+)
 @click.option("--all", "all_", is_flag=True, help="Every dead event.")
 @click.argument("keys", nargs=-1)
 @handles_errors
@@ -448,3 +497,60 @@ def outbox_drop(
 ) -> None:
     """Give up dead events: they are kept, marked dropped, and never sent."""
     _outbox_change(config_path, state_path, keys, all_, "drop")
+
+
+@main.group()
+def catalog() -> None:
+    """The rating catalog (units, SKUs, effective-dated rates) used by dry runs."""
+
+
+@catalog.command("pull")
+@_config_option
+@click.option(
+    "--output",
+    "output_path",
+    metavar="PATH",
+    help="Where to write the catalog (default: catalog_file from the config).",
+)
+@_log_options
+@handles_errors
+def catalog_pull(
+    config_path: Optional[str], output_path: Optional[str], verbose: int, quiet: bool
+) -> None:
+    """Read the organisation's units, SKUs and rate rules from the API into a YAML file."""
+    _setup_logging(verbose, quiet)
+    config = _load(config_path)
+    target = Path(output_path) if output_path else config.catalog_file
+    if target is None:
+        raise click.UsageError("pass --output PATH, or set catalog_file in the config")
+    pulled = pipeline.pull_catalog(_client(config), pipeline.utc_now())
+    pipeline.write_atomically(target, rating.dump_catalog(pulled))
+    click.echo(
+        f"catalog with {len(pulled.skus)} SKUs in {len(pulled.units)} units written to {target}"
+    )
+    for warning in pipeline.catalog_warnings(config, pulled):
+        click.echo(f"warning: {warning}", err=True)
+
+
+@catalog.command("show")
+@_config_option
+@click.option(
+    "--at",
+    "at",
+    metavar="RFC3339",
+    callback=_parse_now,
+    help="Show the rates in force at this time (default: now).",
+)
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@handles_errors
+def catalog_show(config_path: Optional[str], at: Optional[datetime], output: str) -> None:
+    """The rates in force per SKU, and their history."""
+    config = _load(config_path)
+    current = pipeline.load_catalog(config)
+    if current is None:
+        raise ConfigError(config.source, ["no catalog: set catalog_file or a catalog section"])
+    rates = rating.effective_rates(current, at or pipeline.utc_now())
+    if output == "json":
+        click.echo(json.dumps(report.rates_json(rates), indent=2))
+    else:
+        click.echo(report.rates_text(rates))

@@ -46,7 +46,7 @@ class Tres:
 
 @dataclass(frozen=True)
 class RunKey:
-    """Identity of one job run: JobIDRaw repeats across clusters and wraps; requeues reset Submit."""
+    """One job run: JobIDRaw repeats across clusters and wraps; a requeue resets Submit."""
 
     cluster: str
     job_id_raw: str

@@ -8,6 +8,7 @@ read the input (a saved file, or one sacct call) and pick the window.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,10 +23,8 @@ from zoneinfo import ZoneInfo
 from slurm_tracker import api, rating, sacct, state
 from slurm_tracker.config import Config, SacctConfig
 from slurm_tracker.errors import ApiError, InputError
-from slurm_tracker.events import plan
-from slurm_tracker.events import request_body
+from slurm_tracker.events import plan, request_body
 from slurm_tracker.mapping import Target, map_record
-from slurm_tracker.parse import parse_sacct
 from slurm_tracker.models import (
     JobRecord,
     Metric,
@@ -35,6 +34,7 @@ from slurm_tracker.models import (
     RunKey,
     Skipped,
 )
+from slurm_tracker.parse import parse_sacct
 from slurm_tracker.segments import SegmentPolicy, new_usage
 
 log = logging.getLogger(__name__)
@@ -410,8 +410,10 @@ class SyncResult:
             return "auth"
         if self.delivery.unavailable and self.delivery.acked == 0:
             return "unavailable"
-        if self.outbox.get("pending", 0) or self.outbox.get("sending", 0) or self.outbox.get(
-            "dead", 0
+        if (
+            self.outbox.get("pending", 0)
+            or self.outbox.get("sending", 0)
+            or self.outbox.get("dead", 0)
         ):
             return "undelivered"
         return "ok"
@@ -421,7 +423,9 @@ def commit(
     store: state.State, plan: Plan, now_at: datetime, high_water_at: Optional[datetime]
 ) -> int:
     """Store a plan (outbox + progress + high-water mark) in one transaction."""
-    return store.commit_plan(plan.events, [request_body(e) for e in plan.events], now_at, high_water_at)
+    return store.commit_plan(
+        plan.events, [request_body(e) for e in plan.events], now_at, high_water_at
+    )
 
 
 def sync_once(
@@ -485,7 +489,9 @@ def backfill_plan(
     for number, window in enumerate(windows):
         if number:
             sleep(config.sacct.backfill_pause_s)
-        parsed = parse_input(config, Input(read_live(config, window, environ), "sacct", window), None)
+        parsed = parse_input(
+            config, Input(read_live(config, window, environ), "sacct", window), None
+        )
         runs = [r.run for r in parsed.records]
         known = {**store.reported(runs), **{r: s for r, s in reported.items() if r in set(runs)}}
         plan = plan_usage(parsed, known, config, catalog)
@@ -512,7 +518,9 @@ def backfill(
         if number:
             sleep(config.sacct.backfill_pause_s)
         log.info("backfill chunk %d/%d", number + 1, len(windows))
-        parsed = parse_input(config, Input(read_live(config, window, environ), "sacct", window), None)
+        parsed = parse_input(
+            config, Input(read_live(config, window, environ), "sacct", window), None
+        )
         plan = plan_usage(parsed, store.reported(r.run for r in parsed.records), config, catalog)
         new += commit(store, plan, utc_now(), None)
         plans.append(plan)
@@ -578,7 +586,33 @@ def check_online(config: Config, client: api.AllocationsClient) -> list[str]:
     for unit in client.list_units():
         codes.update(str(s.get("code")) for s in client.list_skus(str(unit.get("name"))))
     problems += [
-        f"SKU {sku!r} is not among the organisation's SKUs" for sku in mapped_skus(config)
+        f"SKU {sku!r} is not among the organisation's SKUs"
+        for sku in mapped_skus(config)
         if sku not in codes
     ]
     return problems
+
+
+def pull_catalog(client: api.AllocationsClient, pulled_at: datetime) -> rating.Catalog:
+    """The organisation's units, SKUs (archived ones too) and rate rules, from the API."""
+    units = client.list_units()
+    skus_by_unit: dict[str, list[dict[str, object]]] = {}
+    rules_by_sku: dict[str, list[dict[str, object]]] = {}
+    for unit in units:
+        name = str(unit.get("name"))
+        skus = client.list_skus(name, include_archived=True)
+        skus_by_unit[name] = skus
+        for sku in skus:
+            sku_id = str(sku.get("id"))
+            rules_by_sku[sku_id] = client.list_sku_rules(name, sku_id)
+    return rating.catalog_from_api(units, skus_by_unit, rules_by_sku, pulled_at=pulled_at)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

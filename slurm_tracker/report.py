@@ -11,6 +11,7 @@ from typing import Any, Optional
 from slurm_tracker.events import rfc3339
 from slurm_tracker.models import METRIC_UNITS, PlannedEvent
 from slurm_tracker.pipeline import Plan, SyncResult, Total, Window
+from slurm_tracker.rating import EffectiveRate, RateRule
 from slurm_tracker.state import OutboxRow, State
 
 LIST_LIMIT = 20  # rows of skipped/rejected shown without -v
@@ -225,7 +226,11 @@ def sync_text(result: SyncResult) -> str:
     j = sync_json(result)
     lines = [
         f"sync {j['outcome']}: {j['planned']} new events planned, {j['posted']} posted"
-        + (f" ({j['foundByLookup']} already on the API, found by event key)" if j["foundByLookup"] else "")
+        + (
+            f" ({j['foundByLookup']} already on the API, found by event key)"
+            if j["foundByLookup"]
+            else ""
+        )
         + f", {j['pending']} pending, {j['dead']} dead; "
         f"{j['skipped']} runs skipped, {j['rejected']} records rejected",
     ]
@@ -273,7 +278,11 @@ def status_text(info: dict[str, Any]) -> str:
     out = [
         f"state file      {info['stateFile']}",
         "high-water mark "
-        + (f"{info['highWaterMark']} ({_age(age)} ago)" if age is not None else "none (no sync yet)"),
+        + (
+            f"{info['highWaterMark']} ({_age(age)} ago)"
+            if age is not None
+            else "none (no sync yet)"
+        ),
         "outbox          "
         + ", ".join(f"{n} {s}" for s, n in info["outbox"].items() if n or s in ("pending", "dead")),
     ]
@@ -287,9 +296,15 @@ def status_text(info: dict[str, Any]) -> str:
             f"{last.get('dead', 0)} dead)"
         )
     for title, key in (("last day", "reportedLastDay"), ("last 30 days", "reportedLast30Days")):
-        rows = [[t["allocation"], t["sku"], str(t["events"]), f"{t['quantity']:.6f}"] for t in info[key]]
+        rows = [
+            [t["allocation"], t["sku"], str(t["events"]), f"{t['quantity']:.6f}"] for t in info[key]
+        ]
         out += ["", f"Reported over the {title}:"]
-        out.append(table(["ALLOCATION", "SKU", "EVENTS", "QUANTITY"], rows, (2, 3)) if rows else "  nothing")
+        out.append(
+            table(["ALLOCATION", "SKU", "EVENTS", "QUANTITY"], rows, (2, 3))
+            if rows
+            else "  nothing"
+        )
     return "\n".join(out)
 
 
@@ -324,9 +339,65 @@ def outbox_text(rows: Sequence[OutboxRow]) -> str:
     return table(
         ["STATUS", "ALLOCATION", "SKU", "QUANTITY", "TRIES", "EVENT KEY", "LAST ERROR"],
         [
-            [r.status, r.allocation, r.sku, f"{r.quantity:.6f}", str(r.attempts), r.event_key,
-             r.last_error[:80]]
+            [
+                r.status,
+                r.allocation,
+                r.sku,
+                f"{r.quantity:.6f}",
+                str(r.attempts),
+                r.event_key,
+                r.last_error[:80],
+            ]
             for r in rows
         ],
         (3, 4),
     )
+
+
+def _rule_json(rule: RateRule) -> dict[str, Any]:
+    return {
+        "effectiveFrom": rfc3339(rule.effective_from_at),
+        "effectiveTo": rfc3339(rule.effective_to_at) if rule.effective_to_at else None,
+        "rate": number(rule.rate),
+    }
+
+
+def rates_json(rates: Sequence[EffectiveRate]) -> list[dict[str, Any]]:
+    return [
+        {
+            "sku": r.sku,
+            "unit": r.unit,
+            "ratedInUsd": r.rated_in_usd,
+            "archived": r.archived,
+            "skuRate": number(r.sku_rate),
+            "unitRate": number(r.unit_rate),
+            "skuRules": [_rule_json(x) for x in r.sku_rules],
+            "unitRules": [_rule_json(x) for x in r.unit_rules],
+        }
+        for r in rates
+    ]
+
+
+def rates_text(rates: Sequence[EffectiveRate]) -> str:
+    def rate_text(value: Optional[Decimal], missing: str) -> str:
+        return missing if value is None else f"{value.normalize():f}"
+
+    rows = [
+        [
+            r.sku + (" (archived)" if r.archived else ""),
+            r.unit,
+            rate_text(r.sku_rate, "none in force"),
+            rate_text(r.unit_rate, "none in force") if r.rated_in_usd else "-",
+        ]
+        for r in rates
+    ]
+    out = [table(["SKU", "UNIT", "UNITS PER QUANTITY", "USD PER UNIT"], rows, ())]
+    for r in rates:
+        history = [
+            f"    {rfc3339(x.effective_from_at)} .. "
+            f"{rfc3339(x.effective_to_at) if x.effective_to_at else 'open'}: {x.rate.normalize():f}"
+            for x in r.sku_rules
+        ]
+        if history:
+            out += ["", f"{r.sku} rate history:", *history]
+    return "\n".join(out)

@@ -21,7 +21,9 @@ NOW = datetime(2026, 3, 11, tzinfo=timezone.utc)
 CPU = SkuCharge("SLURM_CPU_HOUR", "cpu")
 
 
-def events_for(job_id: str = "1", from_s: int = 0, to_s: int = 3600, final: bool = True) -> list[PlannedEvent]:
+def events_for(
+    job_id: str = "1", from_s: int = 0, to_s: int = 3600, final: bool = True
+) -> list[PlannedEvent]:
     rec = record(job_id=job_id, elapsed_s=to_s, final=final)
     return plan(split(rec, from_s, to_s), "physics-2026", [CPU])
 
@@ -124,7 +126,9 @@ def test_readonly_never_writes_and_missing_file_is_empty(tmp_path: Path) -> None
     ("content", "message"),
     [(b"this is not sqlite" * 100, "cannot be used"), (None, "newer than this")],
 )
-def test_refuses_corrupt_or_newer_files(tmp_path: Path, content: bytes | None, message: str) -> None:
+def test_refuses_corrupt_or_newer_files(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
     path = tmp_path / "state.db"
     if content is None:
         with State.open(path):

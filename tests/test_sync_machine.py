@@ -1,0 +1,395 @@
+"""The sync loop as a state machine: jobs start, run, end and are requeued; syncs run at
+random times; the process dies at chosen points; the API fails in every way it can.
+
+After every step, against a fake API that records what it accepted: no event key was accepted
+twice, and no run was billed more than Slurm measured. Once the faults stop and the jobs end,
+a few clean syncs bill every run exactly (DESIGN.md invariants 1, 2, 4 and 5).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Optional
+
+import requests
+import responses
+import urllib3
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from slurm_tracker import pipeline
+from slurm_tracker.api import AllocationsClient
+from slurm_tracker.config import config_from_text
+from slurm_tracker.sacct import LIVE_DELIMITER, LIVE_FIELDS
+from slurm_tracker.state import State
+
+BASE = "https://api.test"
+T0 = datetime(2026, 1, 31, 20, 0, tzinfo=timezone.utc)  # a month boundary comes soon
+CONFIG = """
+cluster: box
+reporting_interval: 10m
+api: {organization: org}
+accounts: {map: {physics: physics-2026, chemistry: chemistry-2026}}
+partitions:
+  map:
+    compute: SLURM_CPU_HOUR
+    gpu: [{sku: SLURM_GPU_HOUR, metric: gpu}, {sku: SLURM_CPU_HOUR, metric: cpu}]
+"""
+FAULTS = [
+    "ok",
+    "ok",
+    "ok",
+    "503",
+    "commit+503",
+    "commit+timeout",
+    "commit+reset",
+    "refused",
+    "429",
+    "400",
+]
+CRASHES = [None, None, "after-commit", "before-post", "after-post", "after-ack"]
+
+
+class Crash(BaseException):
+    """The process dies here (not an Exception: nothing in the agent may catch it)."""
+
+
+@dataclass
+class Run:
+    job_id: int
+    submit_s: int
+    start_s: Optional[int]
+    account: str
+    partition: str
+    cpu: int
+    gpu: int
+    elapsed_s: int = 0
+    final: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"box:{self.job_id}:{int((T0 + timedelta(seconds=self.submit_s)).timestamp())}"
+
+    def truth(self, metric: str) -> Decimal:
+        return Decimal(self.cpu if metric == "cpu" else self.gpu) * self.elapsed_s / 3600
+
+
+class FakeApi:
+    """Accepts usage events like the platform; misbehaves as scripted."""
+
+    def __init__(self) -> None:
+        self.accepted: dict[str, dict[str, Any]] = {}  # id -> event
+        self.keys_seen: list[str] = []
+        self.faults: list[str] = []
+
+    def _next_fault(self) -> str:
+        return self.faults.pop(0) if self.faults else "ok"
+
+    def _commit(self, body: dict[str, Any]) -> dict[str, Any]:
+        event_id = f"evt-{len(self.accepted) + 1}"
+        self.accepted[event_id] = body
+        self.keys_seen.append(body["metadata"]["eventKey"])
+        return {"id": event_id, **body}
+
+    def post(self, request: Any) -> tuple[int, dict[str, str], str]:
+        body = json.loads(request.body)
+        fault = self._next_fault()
+        if fault == "refused":
+            raise requests.exceptions.ConnectionError(
+                urllib3.exceptions.NewConnectionError(None, "Connection refused")  # type: ignore[arg-type]
+            )
+        if fault == "429":
+            return 429, {"Retry-After": "0"}, json.dumps({"error": True, "message": "slow down"})
+        if fault == "400":
+            return 400, {}, json.dumps({"error": True, "message": "unknown sku", "code": "bad"})
+        if fault == "503":
+            return 503, {}, "busy"
+        created = self._commit(body)
+        if fault == "commit+503":
+            return 503, {}, "proxy error"
+        if fault == "commit+timeout":
+            raise requests.exceptions.ReadTimeout("read timed out")
+        if fault == "commit+reset":
+            raise requests.exceptions.ConnectionError(ConnectionResetError(104, "reset"))
+        return 200, {}, json.dumps(created)
+
+    def list(self, request: Any) -> tuple[int, dict[str, str], str]:
+        query = request.params
+        needle = str(query.get("metadata", "")).lower()
+        items = [
+            {"id": i, "usageEventId": i, "metadata": e["metadata"], "quantity": e["quantity"]}
+            for i, e in self.accepted.items()
+            if needle in json.dumps(e["metadata"]).lower()
+        ]
+        size = int(query.get("pageSize", 100))
+        page = int(query.get("page", 1))
+        chunk = items[(page - 1) * size : page * size]
+        pages = max(1, -(-len(items) // size))
+        return (
+            200,
+            {},
+            json.dumps(
+                {
+                    "items": chunk,
+                    "total": len(items),
+                    "page": page,
+                    "pageSize": size,
+                    "totalPages": pages,
+                }
+            ),
+        )
+
+    def billed(self) -> dict[tuple[str, str], Decimal]:
+        sums: dict[tuple[str, str], Decimal] = {}
+        for event in self.accepted.values():
+            meta = event["metadata"]
+            submitted = datetime.fromisoformat(meta["submittedAt"].replace("Z", "+00:00"))
+            run = f"{meta['cluster']}:{meta['jobIdRaw']}:{int(submitted.timestamp())}"
+            key = (run, meta["metric"])
+            sums[key] = sums.get(key, Decimal(0)) + Decimal(str(event["quantity"]))
+        return sums
+
+
+class CrashingState(State):
+    """A state file whose process dies at one chosen point of the next sync."""
+
+    crash_at: Optional[str] = None
+
+    def _maybe(self, point: str) -> None:
+        if self.crash_at == point:
+            self.crash_at = None
+            raise Crash(point)
+
+    def commit_plan(self, *args: Any, **kwargs: Any) -> int:
+        added = super().commit_plan(*args, **kwargs)
+        self._maybe("after-commit")
+        return added
+
+    def mark_sending(self, key: str, now_at: datetime) -> None:
+        super().mark_sending(key, now_at)
+        self._maybe("before-post")
+
+    def mark_acked(self, key: str, event_id: Optional[str], now_at: datetime) -> None:
+        self._maybe("after-post")  # the API has it, our state does not know yet
+        super().mark_acked(key, event_id, now_at)
+        self._maybe("after-ack")
+
+
+def render(runs: list[Run], now_s: int) -> bytes:
+    """The live sacct format (-p with a header and our delimiter), epoch times."""
+    d = LIVE_DELIMITER
+    lines = [d.join(LIVE_FIELDS) + d]
+    epoch = int(T0.timestamp())
+    for run in runs:
+        started = run.start_s is not None and run.start_s <= now_s
+        tres = f"billing={run.cpu},cpu={run.cpu},mem=1G,node=1" + (
+            f",gres/gpu={run.gpu}" if run.gpu else ""
+        )
+        values = {
+            "Cluster": "box",
+            "JobID": str(run.job_id),
+            "JobIDRaw": str(run.job_id),
+            "Account": run.account,
+            "Partition": run.partition,
+            "User": "alice",
+            "Group": "alice",
+            "QOS": "normal",
+            "Submit": str(epoch + run.submit_s),
+            "Eligible": str(epoch + run.submit_s),
+            "Start": str(epoch + run.start_s) if started and run.start_s is not None else "Unknown",
+            "End": str(epoch + (run.start_s or 0) + run.elapsed_s) if run.final else "Unknown",
+            "ElapsedRaw": str(run.elapsed_s if started else 0),
+            "State": "COMPLETED" if run.final else ("RUNNING" if started else "PENDING"),
+            "ExitCode": "0:0",
+            "AllocTRES": tres if started else "",
+            "NNodes": "1",
+            "NodeList": "node1" if started else "None assigned",
+            "Reservation": "",
+            "JobName": "name with | bar\nand newline",
+        }
+        lines.append(d.join(values[f] for f in LIVE_FIELDS) + d)
+    return ("\n".join(lines) + "\n").encode()
+
+
+class SyncMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="st-machine-"))
+        self.config = config_from_text(CONFIG, "test-config")
+        self.api = FakeApi()
+        self.runs: list[Run] = []
+        self.now_s = 0
+        self.next_id = 100
+        self.mock = responses.RequestsMock(assert_all_requests_are_fired=False)
+        self.mock.start()
+        usage = re.compile(re.escape(BASE) + r"/api/organizations/org/allocations/[^/]+/usage")
+        self.mock.add_callback(responses.POST, usage, callback=self.api.post)
+        self.mock.add_callback(responses.GET, usage, callback=self.api.list)
+
+    def teardown(self) -> None:
+        self.mock.stop()
+        self.mock.reset()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the cluster
+    @initialize()
+    def first_job(self) -> None:
+        self.submit("physics", "compute", 2, 0)
+
+    def submit(self, account: str, partition: str, cpu: int, gpu: int, delay: int = 0) -> None:
+        self.next_id += 1
+        self.runs.append(
+            Run(self.next_id, self.now_s, self.now_s + delay, account, partition, cpu, gpu)
+        )
+
+    @rule(
+        account=st.sampled_from(["physics", "chemistry", "unmapped-lab"]),
+        partition=st.sampled_from(["compute", "gpu"]),
+        cpu=st.integers(1, 64),
+        gpu=st.integers(0, 4),
+        delay=st.sampled_from([0, 0, 300, 5000]),
+    )
+    @precondition(lambda self: len(self.runs) < 12)
+    def start_job(self, account: str, partition: str, cpu: int, gpu: int, delay: int) -> None:
+        self.submit(account, partition, cpu, 0 if partition == "compute" else gpu, delay)
+
+    @rule(seconds=st.sampled_from([30, 599, 601, 3600, 86400, 20 * 86400]), suspended=st.booleans())
+    def time_passes(self, seconds: int, suspended: bool) -> None:
+        self.now_s += seconds
+        for run in self.runs:
+            if run.final or run.start_s is None or run.start_s > self.now_s:
+                continue
+            # ElapsedRaw leaves suspended time out: it may grow slower than the wall clock
+            wall = self.now_s - run.start_s
+            run.elapsed_s = min(wall, run.elapsed_s + (seconds // 2 if suspended else seconds))
+
+    def _running(self) -> list[Run]:
+        return [
+            r
+            for r in self.runs
+            if not r.final and r.start_s is not None and r.start_s <= self.now_s
+        ]
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self._running()))
+    def job_ends(self, data: st.DataObject) -> None:
+        run = data.draw(st.sampled_from(self._running()))
+        run.final = True
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self._running()))
+    def job_requeued(self, data: st.DataObject) -> None:
+        """The run ends (billed as it is) and the same job id runs again with a new Submit."""
+        run = data.draw(st.sampled_from(self._running()))
+        run.final = True
+        self.now_s += 1
+        self.runs.append(
+            Run(
+                run.job_id,
+                self.now_s,
+                self.now_s + 60,
+                run.account,
+                run.partition,
+                run.cpu,
+                run.gpu,
+            )
+        )
+
+    # ------------------------------------------------------------------ the agent
+    def sync(self, crash: Optional[str] = None) -> None:
+        path = self.dir / "sacct.txt"
+        path.write_bytes(render(self.runs, self.now_s))
+        client = AllocationsClient(
+            BASE,
+            "org",
+            "pwt_test.secret",
+            sleep=lambda _s: None,
+            max_attempts=3,
+            max_retry_time_s=3600,
+        )
+        now_at = T0 + timedelta(seconds=self.now_s)
+        store = CrashingState.open(self.dir / "state.db")
+        assert isinstance(store, CrashingState)
+        store.crash_at = crash
+        request = pipeline.SyncRequest(now_at, str(path), None, io.BytesIO(), {})
+        try:
+            pipeline.sync_once(self.config, store, client, None, request)
+        except Crash:
+            pass  # the process died; the next sync starts from the state file as it is
+        finally:
+            store.close()
+
+    @rule(faults=st.lists(st.sampled_from(FAULTS), max_size=6), crash=st.sampled_from(CRASHES))
+    def sync_with_trouble(self, faults: list[str], crash: Optional[str]) -> None:
+        self.api.faults = list(faults)
+        self.sync(crash)
+
+    @rule()
+    def sync_cleanly(self) -> None:
+        self.api.faults = []
+        self.sync()
+
+    # ------------------------------------------------------------------ the invariants
+    @invariant()
+    def no_event_key_accepted_twice(self) -> None:
+        assert len(self.api.keys_seen) == len(set(self.api.keys_seen))
+
+    @invariant()
+    def never_billed_more_than_measured(self) -> None:
+        billed = self.api.billed()
+        for run in self.runs:
+            for metric in ("cpu", "gpu"):
+                got = billed.get((run.key, metric), Decimal(0))
+                assert got <= run.truth(metric) + Decimal("0.00001"), (run, metric, got)
+
+    @rule()
+    @precondition(lambda self: len(self.runs) >= 3)
+    def everything_ends_and_is_billed_exactly(self) -> None:
+        """Faults stop, every job ends, dead events are retried: everything is billed."""
+        for run in self.runs:
+            if run.start_s is not None and run.start_s > self.now_s:
+                self.now_s = run.start_s
+        for run in self.runs:
+            if run.start_s is not None:
+                run.elapsed_s = max(run.elapsed_s, 1)
+            run.final = True
+        self.api.faults = []
+        store = State.open(self.dir / "state.db")
+        store.retry(None, T0)
+        store.close()
+        self.sync()
+        self.sync()
+        billed = self.api.billed()
+        events = len(self.api.accepted)
+        for run in self.runs:
+            mapped = run.account != "unmapped-lab"
+            for metric in ("cpu", "gpu"):
+                if metric == "gpu" and run.partition != "gpu":
+                    continue
+                got = billed.get((run.key, metric), Decimal(0))
+                want = run.truth(metric) if mapped else Decimal(0)
+                assert abs(got - want) <= Decimal("0.000001") * max(events, 1), (run, metric, got)
+
+
+SyncMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TestSyncMachine = SyncMachine.TestCase
