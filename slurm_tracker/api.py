@@ -1,0 +1,759 @@
+"""The Allocations API client, and the exactly-once delivery of one usage event.
+
+The only module that imports ``requests`` and ``tenacity``. Every request is classified by what
+we know of its outcome (see DESIGN.md, "Exactly once over an API without idempotency"):
+
+- :class:`NotSent`: provably never left (connection refused, DNS failure, connect timeout,
+  certificate rejected): resend without a look-up.
+- :class:`OutcomeUnknown`: it may have been processed (read timeout, connection reset or
+  protocol error after sending, 408, 5xx, a 2xx whose body cannot be read): look the event key
+  up before sending again.
+- :class:`RateLimited`: 429, not processed: wait for ``Retry-After`` and resend.
+- :class:`errors.ApiError`: permanent (4xx other than 408/429): the event is dead-lettered.
+- :class:`FatalApiError`: permanent but not about one event (401, 403, a redirect, a refused
+  look-up): stop the whole sync; the event stays pending.
+
+The API key is never logged, shown in a ``repr`` or put in an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import re
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, TypeVar
+from urllib.parse import quote, urlsplit
+
+import requests
+import tenacity
+import urllib3.exceptions
+
+from slurm_tracker import __version__, errors
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "PW_API_KEY"
+PLATFORM_HOST_ENV = "PW_PLATFORM_HOST"
+KEY_PREFIX = "pwt_"
+PAGE_SIZE = 100
+MAX_PAGES = 10_000  # a look-up never walks more pages than this, whatever the server says
+
+_T = TypeVar("_T")
+
+
+# --- configuration: the key and the base URL ------------------------------------------------
+
+
+def load_api_key(key_file: Optional[Path], environ: Mapping[str, str]) -> str:
+    """The API key, from ``key_file`` (mode 0600 or stricter) or else ``$PW_API_KEY``."""
+    if key_file is not None:
+        source = str(key_file)
+        try:
+            mode = key_file.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise errors.ConfigError(
+                    source,
+                    [
+                        f"the API key file {key_file} is accessible by group or others "
+                        f"(mode {stat.S_IMODE(mode):04o}): run `chmod 600 {key_file}`"
+                    ],
+                )
+            key = key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise errors.ConfigError(
+                source,
+                [f"cannot read the API key file {key_file}: {exc.strerror or exc}"],
+            ) from exc
+        except UnicodeDecodeError as exc:
+            raise errors.ConfigError(
+                source, [f"the API key file {key_file} is not UTF-8 text"]
+            ) from exc
+        where = f"the API key file {key_file}"
+    else:
+        source = f"${API_KEY_ENV}"
+        key = environ.get(API_KEY_ENV, "").strip()
+        if not key:
+            raise errors.ConfigError(
+                "<environment>",
+                [
+                    "no API key: set api.api_key_file in the configuration (a file of mode "
+                    f"0600 holding the key) or the environment variable {API_KEY_ENV}"
+                ],
+            )
+        where = source
+    if not key:
+        raise errors.ConfigError(source, [f"{where} is empty: put the API key in it"])
+    if not _key_chars_ok(key):
+        raise errors.ConfigError(
+            source,
+            [
+                f"{where} does not hold one API key: it contains whitespace, ':' or "
+                "non-ASCII characters; put only the key in it"
+            ],
+        )
+    return key
+
+
+def _key_chars_ok(key: str) -> bool:
+    return all(33 <= ord(c) <= 126 for c in key) and ":" not in key
+
+
+def derive_base_url(url: Optional[str], api_key: str, environ: Mapping[str, str]) -> str:
+    """``api.url``, else ``$PW_PLATFORM_HOST``, else the host encoded in a ``pwt_`` key.
+
+    Returns ``scheme://host[:port][/path]`` without a trailing slash. Plain http is refused
+    unless the host is loopback (tests and local emulators).
+    """
+    if url:
+        return _normalise_base(url, "api.url")
+    host = environ.get(PLATFORM_HOST_ENV, "").strip()
+    if host:
+        return _normalise_base(host, f"${PLATFORM_HOST_ENV}")
+    return _normalise_base(host_from_key(api_key), "the host encoded in the API key")
+
+
+def host_from_key(api_key: str) -> str:
+    """The host of a ``pwt_<base64url(host)>.<secret>`` key (padding may be absent)."""
+    problem = (
+        "cannot derive the API host from the API key: it is not of the form "
+        f"{KEY_PREFIX}<base64url(host)>.<secret>; set api.url in the configuration or "
+        f"${PLATFORM_HOST_ENV}"
+    )
+    encoded, dot, secret = api_key[len(KEY_PREFIX) :].partition(".")
+    if not api_key.startswith(KEY_PREFIX) or not dot or not encoded or not secret:
+        raise errors.ConfigError("<API key>", [problem])
+    try:
+        raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
+        host = raw.decode("utf-8").strip()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise errors.ConfigError("<API key>", [problem]) from exc
+    if not host or any(c.isspace() or not c.isprintable() for c in host):
+        raise errors.ConfigError("<API key>", [problem])
+    return host
+
+
+def _normalise_base(text: str, source: str) -> str:
+    text = text.strip()
+    candidate = text if "://" in text else f"https://{text}"
+    try:
+        parts = urlsplit(candidate)
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise errors.ConfigError(source, [f"{source} {text!r} is not a valid URL"]) from exc
+    problems = []
+    if parts.scheme not in ("https", "http"):
+        problems.append(f"{source} {text!r}: use an https:// URL")
+    if not hostname:
+        problems.append(f"{source} {text!r} has no host name")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        problems.append(
+            f"{source} {text!r} must not contain a query, a fragment or credentials: "
+            "give https://host only"
+        )
+    if not problems and parts.scheme == "http" and not is_loopback(hostname or ""):
+        problems.append(
+            f"{source} {text!r} uses plain http, which would send the API key unencrypted: "
+            "use https:// (http is allowed for loopback hosts only)"
+        )
+    if problems:
+        raise errors.ConfigError(source, problems)
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def is_loopback(hostname: str) -> bool:
+    """127.0.0.0/8, ::1 and ``localhost``."""
+    name = hostname.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+# --- outcomes ---------------------------------------------------------------------------------
+
+
+class RequestFailed(errors.ApiUnavailable):
+    """A transient failure of one request; the subclass says what we know of its outcome."""
+
+    outcome_unknown = False
+
+    def __init__(self, message: str, retry_after_s: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotSent(RequestFailed):
+    """The request provably never left: resend it without a look-up."""
+
+
+class OutcomeUnknown(RequestFailed):
+    """The request may have been processed: look the event up before sending it again."""
+
+    outcome_unknown = True
+
+
+class RateLimited(RequestFailed):
+    """HTTP 429: the request was refused, not processed; wait ``retry_after_s`` (if given)."""
+
+
+class FatalApiError(errors.ApiError):
+    """A permanent refusal that is not about one event (401, 403, a redirect, a refused
+    look-up): stop the whole sync and fix the configuration; events stay pending."""
+
+
+class DeliveryFailed(errors.ApiUnavailable):
+    """An event could not be delivered within the attempts and the retry budget; it stays
+    pending. ``last_outcome_unknown`` tells whether the last attempt may have landed."""
+
+    def __init__(
+        self, message: str, *, event_key: str, last_outcome_unknown: bool, attempts: int
+    ) -> None:
+        super().__init__(message)
+        self.event_key = event_key
+        self.last_outcome_unknown = last_outcome_unknown
+        self.attempts = attempts
+
+
+def parse_retry_after(value: Optional[str], now_s: float) -> Optional[float]:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), or None."""
+    if value is None:
+        return None
+    text = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now_s)
+
+
+def _classify_exception(exc: requests.RequestException, what: str) -> RequestFailed:
+    """Turn a requests exception into NotSent or OutcomeUnknown (conservatively)."""
+    reason = _root_reason(exc)
+    if isinstance(exc, requests.ConnectTimeout) or isinstance(
+        reason, urllib3.exceptions.ConnectTimeoutError
+    ):
+        # NewConnectionError (refused, DNS, unreachable) is a ConnectTimeoutError subclass:
+        # the TCP connection was never made, so nothing was sent.
+        return NotSent(f"{what}: cannot connect: {_describe(reason)}")
+    if isinstance(exc, requests.exceptions.SSLError) and _is_cert_error(reason):
+        return NotSent(f"{what}: TLS certificate rejected: {_describe(reason)}")
+    if isinstance(exc, requests.ReadTimeout):
+        return OutcomeUnknown(f"{what}: no answer in time (read timeout)")
+    return OutcomeUnknown(f"{what}: {type(exc).__name__}: {_describe(reason)}")
+
+
+def _root_reason(exc: BaseException) -> BaseException:
+    arg = exc.args[0] if exc.args else None
+    if isinstance(arg, urllib3.exceptions.MaxRetryError) and arg.reason is not None:
+        return arg.reason
+    if isinstance(arg, BaseException):
+        return arg
+    return exc
+
+
+def _is_cert_error(reason: BaseException) -> bool:
+    seen: Optional[BaseException] = reason
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        inner = seen.args[0] if seen.args else None
+        seen = inner if isinstance(inner, BaseException) else seen.__cause__
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _error_from_response(resp: requests.Response, what: str) -> Exception:
+    """The exception for a non-2xx answer."""
+    status = resp.status_code
+    if status == 429:
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+        return RateLimited(f"{what}: HTTP 429 rate limited", retry_after)
+    if status == 408 or status >= 500:
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+        message, code = _error_message(resp)
+        return OutcomeUnknown(
+            f"{what}: HTTP {status}{f' {code}' if code else ''}: {message}", retry_after
+        )
+    message, code = _error_message(resp)
+    if status in (401, 403):
+        hint = (
+            "the API key was refused: check api.api_key_file / $PW_API_KEY"
+            if status == 401
+            else "the API key may not write to this organization or allocation"
+        )
+        return FatalApiError(status, f"{what}: {message} ({hint})", code)
+    if 300 <= status < 400:
+        return FatalApiError(
+            status,
+            f"{what}: unexpected redirect to {resp.headers.get('Location', '?')}: "
+            "set api.url to the API's final https:// address",
+            code,
+        )
+    return errors.ApiError(status, f"{what}: {message}", code)
+
+
+def _error_message(resp: requests.Response) -> tuple[str, str]:
+    """(message, code) from an ``Error`` or problem+json body, else from the status line."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        code = body.get("code") if isinstance(body.get("code"), str) else ""
+        message = body.get("message") or body.get("detail") or body.get("title") or ""
+        details = []
+        for item in body.get("errors") or []:
+            if isinstance(item, str):
+                details.append(item)
+            elif isinstance(item, dict):
+                where = item.get("pointer") or item.get("parameter") or ""
+                text = item.get("detail") or item.get("code") or ""
+                details.append(f"{where}: {text}" if where else str(text))
+        message = str(message) or resp.reason or "error"
+        if details:
+            message += " (" + "; ".join(details) + ")"
+        return message, str(code)
+    text = " ".join(resp.text.split())[:200] if resp.text else ""
+    return (f"{resp.reason or 'error'}{f': {text}' if text else ''}", "")
+
+
+# --- retries -----------------------------------------------------------------------------------
+
+
+class RetryBudget:
+    """Seconds one sync may spend on failed attempts and the waits between retries, shared by
+    every request of a client (and every thread using it)."""
+
+    def __init__(self, total_s: float) -> None:
+        self.total_s = float(total_s)
+        self._spent_s = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def spent_s(self) -> float:
+        with self._lock:
+            return self._spent_s
+
+    @property
+    def remaining_s(self) -> float:
+        with self._lock:
+            return max(0.0, self.total_s - self._spent_s)
+
+    def spend(self, seconds: float) -> None:
+        with self._lock:
+            self._spent_s += max(0.0, seconds)
+
+    def allows(self, seconds: float) -> bool:
+        with self._lock:
+            return self._spent_s + seconds <= self.total_s
+
+    def reset(self) -> None:
+        with self._lock:
+            self._spent_s = 0.0
+
+
+class _RetryPlan:
+    """Stop and wait policies of one retried operation, for tenacity.
+
+    The wait after attempt n is computed once (full jitter, or the server's Retry-After) and
+    used by both the stop test (does the budget allow it?) and the wait itself, whatever order
+    the installed tenacity calls them in.
+    """
+
+    def __init__(self, client: AllocationsClient) -> None:
+        self._client = client
+        self._waits: dict[int, float] = {}
+        self._jitter = tenacity.wait_random_exponential(
+            multiplier=client.backoff_base_s, max=client.backoff_max_s
+        )
+
+    def wait_for(self, state: tenacity.RetryCallState) -> float:
+        number = state.attempt_number
+        if number not in self._waits:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            retry_after = getattr(exc, "retry_after_s", None)
+            if isinstance(retry_after, (int, float)):
+                self._waits[number] = float(retry_after)
+            else:
+                self._waits[number] = float(self._jitter(state))
+        return self._waits[number]
+
+    def stop(self, state: tenacity.RetryCallState) -> bool:
+        if state.attempt_number >= self._client.max_attempts:
+            return True
+        return not self._client.budget.allows(self.wait_for(state))
+
+    def retrying(self) -> tenacity.Retrying:
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(RequestFailed),
+            stop=self.stop,
+            wait=self.wait_for,
+            sleep=self._client._sleep_in_budget,
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    log.debug("attempt %d failed: %s; retrying in %.1f s", state.attempt_number, exc, wait)
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+class AllocationsClient:
+    """The Allocations API of one organization, over HTTP Basic auth with an API key."""
+
+    def __init__(
+        self,
+        base_url: str,
+        organization: str,
+        api_key: str,
+        *,
+        connect_timeout_s: float = 10,
+        read_timeout_s: float = 30,
+        max_attempts: int = 5,
+        max_retry_time_s: float = 300,
+        requests_per_second: float = 0,
+        session: Optional[requests.Session] = None,
+        sleep: Callable[[float], None] = time.sleep,
+        user_agent: str = f"slurm-tracker/{__version__}",
+        clock: Callable[[], float] = time.monotonic,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.organization = organization
+        self._auth = (api_key, "")
+        self.timeout = (connect_timeout_s, read_timeout_s)
+        self.max_attempts = max(1, max_attempts)
+        self.budget = RetryBudget(max_retry_time_s)
+        self.session = session if session is not None else requests.Session()
+        self.user_agent = user_agent
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._sleep = sleep
+        self._clock = clock
+        self._interval_s = 1.0 / requests_per_second if requests_per_second > 0 else 0.0
+        self._next_request_at = 0.0
+        self._rate_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"AllocationsClient(base_url={self.base_url!r}, organization={self.organization!r})"
+
+    # -- low level
+
+    def _path(self, *segments: str) -> str:
+        org = quote(self.organization, safe="")
+        rest = "".join("/" + quote(s, safe="") for s in segments)
+        return f"/api/organizations/{org}{rest}"
+
+    def _throttle(self) -> None:
+        if not self._interval_s:
+            return
+        with self._rate_lock:
+            now = self._clock()
+            wait = self._next_request_at - now
+            if wait > 0:
+                self._sleep(wait)
+            self._next_request_at = max(now, self._next_request_at) + self._interval_s
+
+    def _sleep_in_budget(self, seconds: float) -> None:
+        self.budget.spend(seconds)
+        self._sleep(seconds)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Optional[Mapping[str, Any]] = None,
+        body: Optional[Mapping[str, Any]] = None,
+    ) -> Any:
+        """One attempt; the decoded JSON of a 2xx answer (None when empty), else raises."""
+        what = f"{method} {path}"
+        headers = {"User-Agent": self.user_agent, "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = _encode_json(body)
+            headers["Content-Type"] = "application/json"
+        self._throttle()
+        started = self._clock()
+        try:
+            log.debug("%s", what)
+            try:
+                resp = self.session.request(
+                    method,
+                    self.base_url + path,
+                    params=params,
+                    data=data,
+                    headers=headers,
+                    auth=self._auth,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                )
+            except requests.RequestException as exc:
+                raise _classify_exception(exc, what) from exc
+            if not 200 <= resp.status_code < 300:
+                raise _error_from_response(resp, what)
+            if not resp.content:
+                return None
+            try:
+                return resp.json()
+            except ValueError as exc:
+                raise OutcomeUnknown(
+                    f"{what}: HTTP {resp.status_code} with a body that is not JSON"
+                ) from exc
+        except RequestFailed:
+            self.budget.spend(self._clock() - started)
+            raise
+
+    def _retried(self, operation: Callable[[], _T]) -> _T:
+        """Run ``operation`` with transient-failure retries (reads and idempotent writes)."""
+        for attempt in _RetryPlan(self).retrying():
+            with attempt:
+                return operation()
+        raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+    # -- endpoints
+
+    def post_usage(self, allocation: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Create one usage event: ONE attempt, no retry. Returns ``UsageEventOutput``."""
+        path = self._path("allocations", allocation, "usage")
+        result = self._request("POST", path, body=body)
+        if not isinstance(result, dict) or not isinstance(result.get("id"), str):
+            raise OutcomeUnknown(f"POST {path}: the answer has no event id")
+        return result
+
+    def find_usage(self, allocation: str, event_key: str) -> Optional[dict[str, Any]]:
+        """The usage event (``RatedCostWithMetadata``) whose ``metadata.eventKey`` is exactly
+        ``event_key``, or None. Transient failures are retried."""
+        return self._find_usage(allocation, event_key, retried=True)
+
+    def _find_usage(
+        self, allocation: str, event_key: str, *, retried: bool
+    ) -> Optional[dict[str, Any]]:
+        path = self._path("allocations", allocation, "usage")
+        term = search_term(event_key)
+        page = 1
+        while page <= MAX_PAGES:
+            params = {"metadata": term, "page": page, "pageSize": PAGE_SIZE}
+
+            def get(params: Mapping[str, Any] = params) -> Any:
+                return self._request("GET", path, params=params)
+
+            data = self._retried(get) if retried else get()
+            if not isinstance(data, dict):
+                raise OutcomeUnknown(f"GET {path}: the answer is not a page of usage events")
+            items = data.get("items") or []
+            for item in items:
+                meta = item.get("metadata") if isinstance(item, dict) else None
+                if isinstance(meta, dict) and meta.get("eventKey") == event_key:
+                    return dict(item)
+            total_pages = data.get("totalPages")
+            if not items or not isinstance(total_pages, int) or page >= total_pages:
+                return None
+            page += 1
+        return None
+
+    def get_allocation(self, name: str) -> dict[str, Any]:
+        path = self._path("allocations", name)
+        return _expect(dict, self._retried(lambda: self._request("GET", path)), path)
+
+    def list_units(self) -> list[dict[str, Any]]:
+        path = self._path("units")
+        return _expect_list(self._retried(lambda: self._request("GET", path)), path)
+
+    def list_skus(self, unit: str, *, include_archived: bool = False) -> list[dict[str, Any]]:
+        """The SKUs of a unit; archived (soft-deleted) ones too with ``include_archived``."""
+        path = self._path("units", unit, "skus")
+        params = {"includeArchived": "true"} if include_archived else None
+        return _expect_list(self._retried(lambda: self._request("GET", path, params=params)), path)
+
+    def list_sku_rules(self, unit: str, sku: str) -> list[dict[str, Any]]:
+        """The rate history of a SKU; the contract names the path parameter "SKU ID": pass the
+        SKU's ``id`` from :meth:`list_skus`."""
+        path = self._path("units", unit, "skus", sku, "rules")
+        return _expect_list(self._retried(lambda: self._request("GET", path)), path)
+
+    def delete_usage(self, allocation: str, ids: Sequence[str]) -> None:
+        """Delete usage events by the ``id`` of their list items (rated cost ids)."""
+        path = self._path("allocations", allocation, "usage")
+        body = {"ids": list(ids)}
+        self._retried(lambda: self._request("DELETE", path, body=body))
+
+
+def _expect(kind: type[_T], value: object, path: str) -> _T:
+    if not isinstance(value, kind):
+        raise OutcomeUnknown(f"GET {path}: unexpected answer of type {type(value).__name__}")
+    return value
+
+
+def _expect_list(value: object, path: str) -> list[dict[str, Any]]:
+    if value is None:  # the contract allows null for an empty list
+        return []
+    items = _expect(list, value, path)
+    return [dict(item) for item in items if isinstance(item, dict)]
+
+
+def search_term(event_key: str) -> str:
+    """What to pass to the list endpoint's ``metadata`` filter to find ``event_key``.
+
+    The server searches the JSON text of the metadata, where characters such as ``"``, ``\\``,
+    ``<`` or non-ASCII letters may be escaped; so only the longest run of characters that JSON
+    never escapes is searched for, and the exact key is checked on our side.
+    """
+    runs = re.findall(r"[A-Za-z0-9:._+@=,; -]+", event_key)
+    longest = max(runs, key=len, default="")
+    return event_key if longest == event_key else longest
+
+
+def _encode_json(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, default=_json_default, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"cannot send the non-finite number {value}")
+        return float(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"cannot send the naive datetime {value.isoformat()}")
+        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    raise TypeError(f"cannot send a {type(value).__name__} as JSON")
+
+
+# --- exactly-once delivery ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How one event's delivery ended: ``acked`` (the API holds it) or ``dead`` (refused)."""
+
+    status: Literal["acked", "dead"]
+    event_id: Optional[str]
+    error: str = ""
+    attempts: int = 0  # POSTs made in this call
+    found_by_lookup: bool = False
+
+
+def deliver(
+    client: AllocationsClient,
+    allocation: str,
+    body: Mapping[str, Any],
+    event_key: str,
+    *,
+    outcome_unknown_before: bool,
+    before_attempt: Callable[[int], None],
+) -> Delivery:
+    """Post one event exactly once.
+
+    ``before_attempt(n)`` runs before the n-th POST (record "sending" there). When the previous
+    attempt's outcome is unknown (or ``outcome_unknown_before``), the key is looked up first
+    and a found event is acked without posting. Returns ``dead`` for a permanent refusal of
+    the event. Raises :class:`FatalApiError` (stop the sync, the event stays pending) and
+    :class:`DeliveryFailed` when attempts or the client's retry budget run out.
+    """
+    unknown = outcome_unknown_before
+    posts = 0
+    try:
+        for attempt in _RetryPlan(client).retrying():
+            with attempt:
+                if unknown:
+                    try:
+                        found = client._find_usage(allocation, event_key, retried=False)
+                    except FatalApiError:
+                        raise
+                    except errors.ApiError as exc:
+                        raise FatalApiError(
+                            exc.status,
+                            f"looking up event {event_key} (outcome of an earlier send unknown) "
+                            f"failed: {exc.message}",
+                            exc.code,
+                        ) from exc
+                    if found is not None:
+                        event_id = str(found.get("usageEventId") or found.get("id") or "")
+                        log.info(
+                            "event %s acked as %s (found by look-up after an unknown outcome)",
+                            event_key,
+                            event_id,
+                        )
+                        return Delivery("acked", event_id, attempts=posts, found_by_lookup=True)
+                posts += 1
+                before_attempt(posts)
+                log.debug("event %s: POST attempt %d to %s", event_key, posts, allocation)
+                try:
+                    created = client.post_usage(allocation, body)
+                except RequestFailed as exc:
+                    unknown = exc.outcome_unknown
+                    raise
+                except FatalApiError:
+                    raise
+                except errors.ApiError as exc:
+                    log.info("event %s dead-lettered: %s", event_key, exc)
+                    return Delivery("dead", None, error=str(exc), attempts=posts)
+                log.info("event %s acked as %s", event_key, created["id"])
+                return Delivery("acked", str(created["id"]), attempts=posts)
+    except RequestFailed as exc:
+        state = "may have been received" if unknown else "was not received"
+        raise DeliveryFailed(
+            f"could not deliver event {event_key} to allocation {allocation!r}: {exc} "
+            f"({posts} POST attempt{'s' if posts != 1 else ''}; the last one {state}; retry "
+            f"budget {client.budget.spent_s:.0f} of {client.budget.total_s:.0f} s used); it "
+            "stays pending and is sent again by the next sync",
+            event_key=event_key,
+            last_outcome_unknown=unknown,
+            attempts=posts,
+        ) from exc
+    raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+
+__all__ = [
+    "AllocationsClient",
+    "Delivery",
+    "DeliveryFailed",
+    "FatalApiError",
+    "NotSent",
+    "OutcomeUnknown",
+    "RateLimited",
+    "RequestFailed",
+    "RetryBudget",
+    "deliver",
+    "derive_base_url",
+    "host_from_key",
+    "is_loopback",
+    "load_api_key",
+    "parse_retry_after",
+    "search_term",
+]

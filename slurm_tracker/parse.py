@@ -1,0 +1,836 @@
+"""Reading sacct output: bytes in, JobRecord / Rejected values out (no I/O, no clock).
+
+Accepted inputs (auto-detected, see DESIGN.md and the public fixtures' MANIFEST.md):
+
+* ``sacct --json`` of Slurm 21.08 to 25.11 and slurmrestd ``/slurmdb`` job responses;
+* parsable output, ``-p`` (trailing delimiter) or ``-P``, with a header line, in any field
+  order, extra fields allowed, the delimiter being ``|#|`` (the live query), ``|`` or a tab;
+* headerless parsable output when the caller passes the field list.
+
+Per-record problems become a ``Rejected`` (never an exception); only input that cannot be
+read at all raises ``InputError``. State names never decide anything here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone, tzinfo
+from decimal import Decimal
+from typing import Any, Optional, TypeVar
+
+from .errors import InputError
+from .models import JobRecord, ParseResult, Rejected, Tres
+from .sacct import LIVE_DELIMITER, LIVE_FIELDS
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: sacct --helpformat names (Slurm 15.08 to 25.11), to map headers case-insensitively.
+KNOWN_FIELDS: tuple[str, ...] = (
+    "Account", "AdminComment", "AllocCPUS", "AllocGRES", "AllocNodes", "AllocTRES", "AssocID",
+    "AveCPU", "AveCPUFreq", "AveDiskRead", "AveDiskWrite", "AvePages", "AveRSS", "AveVMSize",
+    "BlockID", "Cluster", "Comment", "Constraints", "ConsumedEnergy", "ConsumedEnergyRaw",
+    "Container", "CPUTime", "CPUTimeRAW", "DBIndex", "DerivedExitCode", "Elapsed", "ElapsedRaw",
+    "Eligible", "End", "ExitCode", "Extra", "FailedNode", "Flags", "GID", "Group", "JobID",
+    "JobIDRaw", "JobName", "Layout", "Licenses", "MaxDiskRead", "MaxDiskReadNode",
+    "MaxDiskReadTask", "MaxDiskWrite", "MaxDiskWriteNode", "MaxDiskWriteTask", "MaxPages",
+    "MaxPagesNode", "MaxPagesTask", "MaxRSS", "MaxRSSNode", "MaxRSSTask", "MaxVMSize",
+    "MaxVMSizeNode", "MaxVMSizeTask", "McsLabel", "MinCPU", "MinCPUNode", "MinCPUTask", "NCPUS",
+    "NNodes", "NodeList", "NTasks", "Partition", "Planned", "PlannedCPU", "PlannedCPURAW",
+    "Priority", "QOS", "QOSRAW", "Reason", "ReqCPUFreq", "ReqCPUFreqGov", "ReqCPUFreqMax",
+    "ReqCPUFreqMin", "ReqCPUS", "ReqGRES", "ReqMem", "ReqNodes", "ReqTRES", "Reservation",
+    "ReservationId", "Reserved", "ResvCPU", "ResvCPURAW", "Start", "State", "StdErr", "StdIn",
+    "StdOut", "Submit", "SubmitLine", "Suspended", "SystemComment", "SystemCPU", "Timelimit",
+    "TimelimitRaw", "TotalCPU", "TRESUsageInAve", "TRESUsageInMax", "TRESUsageInMaxNode",
+    "TRESUsageInMaxTask", "TRESUsageInMin", "TRESUsageInMinNode", "TRESUsageInMinTask",
+    "TRESUsageInTot", "TRESUsageOutAve", "TRESUsageOutMax", "TRESUsageOutMaxNode",
+    "TRESUsageOutMaxTask", "TRESUsageOutMin", "TRESUsageOutMinNode", "TRESUsageOutMinTask",
+    "TRESUsageOutTot", "UID", "User", "UserCPU", "WCKey", "WCKeyID", "WorkDir",
+)  # fmt: skip
+_CANONICAL = {name.lower(): name for name in KNOWN_FIELDS}
+
+#: Fields users can fill with any text (``|``, newlines...). When one is the last column, a
+#: record with too many delimiters is rejoined into it.
+FREE_TEXT_FIELDS = frozenset(
+    {"JobName", "SubmitLine", "WorkDir", "Comment", "AdminComment", "SystemComment", "Extra",
+     "StdOut", "StdErr", "StdIn", "Constraints", "Container", "WCKey"}
+)  # fmt: skip
+
+#: Fields that become JobRecord attributes; every other column goes to ``extra``.
+_CONSUMED = frozenset(
+    {"Cluster", "JobID", "JobIDRaw", "Account", "Partition", "User", "Submit", "Start", "End",
+     "ElapsedRaw", "State", "AllocTRES", "JobName"}
+)  # fmt: skip
+
+MAX_ELAPSED_S = 10 * 366 * 86400  # more than ten years of wall time is a corrupt record
+_NO_VAL = 0xFFFFFFFE  # Slurm's "not set" marker for 32-bit counts
+_SNIPPET = 200
+
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_UINT_RE = re.compile(r"[0-9]+")
+_JOB_ID_RE = re.compile(
+    r"(?P<base>[0-9]+)"
+    r"(?:_(?P<task>[0-9]+)|_\[(?P<spec>[0-9,%:\-]+)\]|\+(?P<het>[0-9]+))?"
+    r"(?:\.(?P<step>\S+))?"
+)
+_DURATION_RE = re.compile(r"(?:(?P<days>[0-9]+)-)?(?P<clock>[0-9]+(?::[0-9]+){0,2})(?:\.[0-9]+)?")
+_ISO_RE = re.compile(
+    r"(?P<y>[0-9]{4})-(?P<mo>[0-9]{2})-(?P<d>[0-9]{2})[T ]"
+    r"(?P<h>[0-9]{2}):(?P<mi>[0-9]{2})(?::(?P<s>[0-9]{2})(?:\.(?P<f>[0-9]{1,6}))?)?"
+    r"(?P<off>Z|[+-][0-9]{2}(?::?[0-9]{2})?)?"
+)
+_TRES_ITEM_RE = re.compile(r"(?P<name>[A-Za-z][A-Za-z0-9_/:.\-]*)=(?P<value>.*)")
+_MEM_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<unit>[KMGTPkmgtp]?)")
+_MIB_PER_UNIT = {
+    "K": Decimal(1) / Decimal(1024),
+    "": Decimal(1),
+    "M": Decimal(1),
+    "G": Decimal(1024),
+    "T": Decimal(1024) ** 2,
+    "P": Decimal(1024) ** 3,
+}
+_NO_DURATION = frozenset({"UNLIMITED", "INVALID", "PARTITION_LIMIT"})
+_NO_TIME = frozenset({"", "UNKNOWN", "NONE"})
+
+
+class _Bad(Exception):
+    """One record is malformed; the message names the field and the value."""
+
+
+# --- field parsers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobId:
+    """A parsed sacct JobID: ``123``, ``123_4``, ``123_[1-5%2]``, ``123+0``, ``123.batch``."""
+
+    text: str
+    base: int
+    array_task: Optional[int] = None
+    array_spec: Optional[str] = None  # the pending tasks of an array meta record, e.g. "1-5%2"
+    het_offset: Optional[int] = None
+    step: Optional[str] = None  # "batch", "extern", "0", ... for step records
+
+    @property
+    def is_step(self) -> bool:
+        return self.step is not None
+
+    @property
+    def is_pending_array(self) -> bool:
+        return self.array_spec is not None
+
+
+def parse_job_id(text: str) -> JobId:
+    """Parse a JobID or JobIDRaw value; ValueError when it is not one."""
+    stripped = text.strip()
+    match = _JOB_ID_RE.fullmatch(stripped)
+    if match is None:
+        raise ValueError(f"{text!r} is not a Slurm job id")
+    task, het = match.group("task"), match.group("het")
+    return JobId(
+        text=stripped,
+        base=int(match.group("base")),
+        array_task=int(task) if task is not None else None,
+        array_spec=match.group("spec"),
+        het_offset=int(het) if het is not None else None,
+        step=match.group("step"),
+    )
+
+
+def parse_duration(text: str) -> Optional[int]:
+    """Seconds in a sacct duration (``[D-]HH:MM:SS``, ``MM:SS[.mmm]``, ``D-HH[:MM]``).
+
+    ``UNLIMITED``, ``INVALID``, ``Partition_Limit`` and empty text give None; fractions of a
+    second are dropped; anything else raises ValueError.
+    """
+    stripped = text.strip()
+    if not stripped or stripped.upper() in _NO_DURATION:
+        return None
+    match = _DURATION_RE.fullmatch(stripped)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration")
+    parts = [int(p) for p in match.group("clock").split(":")]
+    has_fraction = "." in stripped
+    if match.group("days") is not None:
+        days = int(match.group("days"))
+        if has_fraction and len(parts) != 3:
+            raise ValueError(f"{text!r} is not a duration")
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+        if hours >= 24:
+            raise ValueError(f"{text!r} has {hours} hours after the days")
+    else:
+        if len(parts) == 1:
+            raise ValueError(f"{text!r} is not a duration (a bare number has no unit)")
+        days = 0
+        hours, minutes, seconds = ([0, *parts] if len(parts) == 2 else parts)[:3]
+    if minutes >= 60 or seconds >= 60:
+        raise ValueError(f"{text!r} is not a duration (minutes or seconds over 59)")
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def _offset(text: str) -> tzinfo:
+    if text == "Z":
+        return timezone.utc
+    sign = -1 if text[0] == "-" else 1
+    digits = text[1:].replace(":", "")
+    minutes = int(digits[:2]) * 60 + (int(digits[2:]) if len(digits) > 2 else 0)
+    return timezone(sign * timedelta(minutes=minutes))
+
+
+def _localize(naive: datetime, tz: tzinfo) -> datetime:
+    localize = getattr(tz, "localize", None)  # pytz zones need localize(), not replace()
+    if callable(localize):
+        aware: datetime = localize(naive, is_dst=True)
+        return aware
+    # fold=0: an ambiguous wall time (the hour repeated when DST ends) is taken as the FIRST
+    # of the two instants (still in daylight saving time). sacct never prints a wall time that
+    # DST skipped; how one is read then is up to the tzinfo implementation.
+    return naive.replace(tzinfo=tz, fold=0)
+
+
+def parse_time(text: str, tz: tzinfo = timezone.utc) -> Optional[datetime]:
+    """A UTC-aware datetime from a sacct time.
+
+    Accepts epoch seconds (``SLURM_TIME_FORMAT=%s``), ISO 8601 with an offset or ``Z``, and
+    naive ISO 8601 (sacct's default), which is read as wall time in ``tz``. ``Unknown``,
+    ``None``, ``0`` and empty text give None (not known yet); anything else raises ValueError.
+    """
+    stripped = text.strip()
+    if stripped.upper() in _NO_TIME:
+        return None
+    try:
+        if _UINT_RE.fullmatch(stripped):
+            seconds = int(stripped)
+            if seconds == 0:
+                return None  # epoch 0: not set
+            return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=seconds)
+        match = _ISO_RE.fullmatch(stripped)
+        if match is None:
+            raise ValueError(f"{text!r} is not a time (expected epoch seconds or ISO 8601)")
+        fraction = (match.group("f") or "").ljust(6, "0")
+        naive = datetime(
+            int(match.group("y")),
+            int(match.group("mo")),
+            int(match.group("d")),
+            int(match.group("h")),
+            int(match.group("mi")),
+            int(match.group("s") or 0),
+            int(fraction),
+        )
+        off = match.group("off")
+        aware = naive.replace(tzinfo=_offset(off)) if off else _localize(naive, tz)
+        return aware.astimezone(timezone.utc)
+    except OverflowError as exc:
+        raise ValueError(f"{text!r} is out of range") from exc
+
+
+def parse_state(text: str) -> str:
+    """The first word of a state, upper-cased: ``CANCELLED by 123`` -> ``CANCELLED``."""
+    words = text.split()
+    return words[0].upper() if words else ""
+
+
+def _count(name: str, value: str) -> int:
+    if not _UINT_RE.fullmatch(value):
+        raise ValueError(f"{name}={value!r} is not a count")
+    number = int(value)
+    if number >= _NO_VAL:
+        raise ValueError(f"{name}={value} is Slurm's 'no value' marker, not a count")
+    return number
+
+
+def parse_tres(text: str) -> Tres:
+    """Allocated TRES from ``billing=78,cpu=48,gres/gpu:a100=4,gres/gpu=4,mem=384G,node=1``.
+
+    Memory goes to MiB (``K`` = 1/1024 MiB). GPUs: the untyped ``gres/gpu`` count when present,
+    else the sum of the typed ``gres/gpu:TYPE`` counts (never both). Other TRES are ignored.
+    A malformed item raises ValueError.
+    """
+    stripped = text.strip()
+    if not stripped:
+        return Tres()
+    cpu = node = billing = typed_gpus = 0
+    untyped_gpus: Optional[int] = None
+    mem_mb = Decimal(0)
+    seen: set[str] = set()
+    for item in stripped.split(","):
+        match = _TRES_ITEM_RE.fullmatch(item.strip())
+        if match is None:
+            raise ValueError(f"malformed TRES item {item!r} (expected name=value)")
+        name, value = match.group("name").lower(), match.group("value").strip()
+        if name in seen:
+            raise ValueError(f"TRES {name} appears twice")
+        seen.add(name)
+        if name == "cpu":
+            cpu = _count(name, value)
+        elif name == "node":
+            node = _count(name, value)
+        elif name == "billing":
+            billing = _count(name, value)
+        elif name == "mem":
+            mem = _MEM_RE.fullmatch(value)
+            if mem is None:
+                raise ValueError(f"mem={value!r} is not an amount of memory")
+            mem_mb = Decimal(mem.group("num")) * _MIB_PER_UNIT[mem.group("unit").upper()]
+        elif name == "gres/gpu":
+            untyped_gpus = _count(name, value)
+        elif name.startswith("gres/gpu:"):
+            typed_gpus += _count(name, value)
+    gpu = untyped_gpus if untyped_gpus is not None else typed_gpus
+    return Tres(cpu=cpu, mem_mb=mem_mb, node=node, gpu=gpu, billing=billing)
+
+
+def canonical_field(name: str) -> str:
+    """sacct's spelling of a field name (``jobidraw`` -> ``JobIDRaw``; ``jobname%30`` too)."""
+    bare = name.strip().split("%", 1)[0].strip()
+    return _CANONICAL.get(bare.lower(), bare)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def parse_sacct(
+    data: bytes,
+    *,
+    cluster: str,
+    fields: Optional[Sequence[str]] = None,
+    tz: tzinfo = timezone.utc,
+    source: str = "<input>",
+) -> ParseResult:
+    """Parse sacct output (JSON, or parsable with a header, or headerless with ``fields``).
+
+    ``cluster`` is used when a record does not name its cluster; ``tz`` is the zone of naive
+    times (sacct's local time); ``source`` names the input in errors. Raises InputError only
+    when the input as a whole cannot be read.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        return ParseResult(records=(), rejected=())
+    if data.lstrip().startswith(b"{"):
+        return _parse_json(data, cluster=cluster, source=source)
+    if isinstance(fields, str):
+        fields = fields.split(",")
+    return _parse_parsable(data, cluster=cluster, fields=fields, tz=tz, source=source)
+
+
+# --- parsable output -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    names: tuple[str, ...]
+    delimiter: str
+    trailing: bool  # -p: every record ends with the delimiter
+
+
+def _snippet(text: str) -> str:
+    return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
+
+
+def _header_layout(line: str) -> Optional[_Layout]:
+    for delimiter in (LIVE_DELIMITER, "|", "\t"):
+        cells = line.split(delimiter)
+        trailing = len(cells) > 1 and cells[-1] == ""
+        if trailing:
+            cells = cells[:-1]
+        names = [cell.strip() for cell in cells]
+        if all(_NAME_RE.fullmatch(n) for n in names) and any(
+            n.lower() in ("jobid", "jobidraw") for n in names
+        ):
+            return _Layout(tuple(canonical_field(n) for n in names), delimiter, trailing)
+    return None
+
+
+def _headerless_layout(body: bytes, names: tuple[str, ...]) -> _Layout:
+    lines = [
+        line.decode("utf-8", "replace").rstrip("\r")
+        for line in body.split(b"\n", 21)[:20]
+        if line.strip()
+    ]
+    first = lines[0] if lines else ""
+    delimiter = next((d for d in (LIVE_DELIMITER, "|", "\t") if d in first), "|")
+    ending = [line for line in lines if line.endswith(delimiter)]
+    trailing = len(ending) * 2 > len(lines) and len(ending[0].split(delimiter)) >= len(names) + 1
+    return _Layout(names, delimiter, trailing)
+
+
+def _missing_columns(names: Sequence[str]) -> list[str]:
+    have = set(names)
+    wanted = [
+        (("JobIDRaw", "JobID"), "JobIDRaw (or JobID)"),
+        (("Submit",), "Submit"),
+        (("Start",), "Start"),
+        (("End",), "End"),
+        (("ElapsedRaw", "Elapsed"), "ElapsedRaw (or Elapsed)"),
+        (("AllocTRES", "AllocCPUS", "NCPUS"), "AllocTRES (or AllocCPUS/NCPUS)"),
+    ]
+    return [label for options, label in wanted if not have.intersection(options)]
+
+
+def _split_records(body: bytes, layout: _Layout) -> Iterator[tuple[int, bytes, Optional[str]]]:
+    """(offset in body, record bytes, problem) for each record, in order."""
+    delimiter = layout.delimiter.encode()
+    expected = len(layout.names)
+    last_free = layout.names[-1] in FREE_TEXT_FIELDS
+    if layout.trailing:
+        terminator = delimiter + b"\n"
+        if body.endswith(delimiter):
+            body += b"\n"
+        chunks: list[tuple[int, bytes]] = []
+        start = 0
+        while True:
+            end = body.find(terminator, start)
+            if end < 0:
+                break
+            chunks.append((start, body[start:end]))
+            start = end + len(terminator)
+        rest = body[start:]
+        index = 0
+        while index < len(chunks):
+            offset, chunk = chunks[index]
+            index += 1
+            # A free-text last field starting with a newline (or "#|\n") ends the record
+            # early; the next chunk then has no delimiter at all: glue it back.
+            while (
+                last_free
+                and chunk.count(delimiter) < expected - 1
+                and index < len(chunks)
+                and delimiter not in chunks[index][1]
+            ):
+                chunk = chunk + terminator + chunks[index][1]
+                index += 1
+            if chunk.strip():
+                yield offset, chunk, None
+        if rest.strip():
+            yield start, rest, f"truncated record: it does not end with {layout.delimiter!r}"
+        return
+    lines: list[tuple[int, bytes]] = []
+    start = 0
+    for line in body.split(b"\n"):
+        lines.append((start, line))
+        start += len(line) + 1
+    while lines and not lines[-1][1].strip():
+        lines.pop()
+    pending: Optional[tuple[int, bytes]] = None
+    for offset, line in lines:
+        if pending is not None and last_free and delimiter not in line:
+            # -P has no escaping: a line without any delimiter continues a job name.
+            pending = (pending[0], pending[1] + b"\n" + line)
+            continue
+        if pending is not None:
+            yield pending[0], pending[1], None
+            pending = None
+        if line.strip():
+            pending = (offset, line)
+    if pending is not None:
+        yield pending[0], pending[1], None
+
+
+def _parse_parsable(
+    data: bytes,
+    *,
+    cluster: str,
+    fields: Optional[Sequence[str]],
+    tz: tzinfo,
+    source: str,
+) -> ParseResult:
+    if b"\r\n" in data[: data.find(b"\n") + 1 or len(data)]:
+        data = data.replace(b"\r\n", b"\n")
+    start = 0
+    while True:  # skip blank lines before the header
+        end = data.find(b"\n", start)
+        line = data[start : end if end >= 0 else len(data)]
+        if line.strip() or end < 0:
+            break
+        start = end + 1
+    first_line_no = data.count(b"\n", 0, start) + 1
+    try:
+        layout = _header_layout(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        layout = None
+    if layout is not None:
+        body_start = end + 1 if end >= 0 else len(data)
+        body_line_no = first_line_no + 1
+    elif fields:
+        names = tuple(canonical_field(f) for f in fields)
+        body_start = start
+        body_line_no = first_line_no
+        layout = _headerless_layout(data[body_start:], names)
+    else:
+        raise InputError(
+            f"{source}:{first_line_no}: the first line is not a sacct header (no JobID or "
+            "JobIDRaw column name found). Saved sacct output needs its header line; for a file "
+            "made with --noheader, pass its field list, e.g. "
+            "--sacct-fields JobID,JobIDRaw,Cluster,Account,Partition,User,Submit,Start,End,"
+            "ElapsedRaw,State,AllocTRES,JobName"
+        )
+    missing = _missing_columns(layout.names)
+    if missing:
+        raise InputError(
+            f"{source}: the sacct output lacks the column(s) {', '.join(missing)}, which "
+            "billing needs. Save it with: sacct --allusers --allocations --duplicates --parsable "
+            f"--delimiter='{LIVE_DELIMITER}' --format={','.join(LIVE_FIELDS)} "
+            "(or use sacct --json)"
+        )
+    body = data[body_start:]
+    records: list[JobRecord] = []
+    rejected: list[Rejected] = []
+    steps = 0
+    line_no, counted_to = body_line_no, 0
+    for offset, raw, problem in _split_records(body, layout):
+        line_no += body.count(b"\n", counted_to, offset)
+        counted_to = offset
+        text = raw.decode("utf-8", "replace")
+        if problem is not None:
+            rejected.append(Rejected(line_no, problem, _snippet(text)))
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            rejected.append(
+                Rejected(line_no, f"record is not valid UTF-8 (byte {exc.start})", _snippet(text))
+            )
+            continue
+        try:
+            row = _row(text, layout)
+            record = _record_from_row(row, line=line_no, cluster=cluster, tz=tz)
+        except _Bad as exc:
+            rejected.append(Rejected(line_no, str(exc), _snippet(text)))
+            continue
+        if record is None:
+            steps += 1
+        else:
+            records.append(record)
+    logger.debug(
+        "%s: %d records, %d rejected, %d steps ignored",
+        source,
+        len(records),
+        len(rejected),
+        steps,
+    )
+    return ParseResult(records=tuple(records), rejected=tuple(rejected), steps_ignored=steps)
+
+
+def _row(text: str, layout: _Layout) -> dict[str, str]:
+    expected = len(layout.names)
+    cells = text.split(layout.delimiter)
+    if len(cells) > expected and layout.names[-1] in FREE_TEXT_FIELDS:
+        cells = [*cells[: expected - 1], layout.delimiter.join(cells[expected - 1 :])]
+    if len(cells) != expected:
+        raise _Bad(
+            f"expected {expected} fields separated by {layout.delimiter!r} as in the header, "
+            f"found {len(cells)} (a truncated line, or a delimiter/newline inside a value?)"
+        )
+    row: dict[str, str] = {}
+    for name, cell in zip(layout.names, cells):
+        row.setdefault(name, cell)
+    return row
+
+
+def _field(row: Mapping[str, str], name: str, parser: Callable[..., _T], *args: Any) -> _T:
+    value = row.get(name, "")
+    try:
+        return parser(value, *args)
+    except ValueError as exc:
+        raise _Bad(f"{name} {value!r}: {exc}") from exc
+
+
+def _elapsed(value: Optional[int], name: str, start_at: Optional[datetime]) -> int:
+    if value is None:
+        if start_at is None:
+            return 0  # not started yet: nothing ran
+        raise _Bad(f"{name} is empty although the run started")
+    if value < 0:
+        raise _Bad(f"{name} {value} is negative")
+    if value > MAX_ELAPSED_S:
+        raise _Bad(f"{name} {value} is more than ten years")
+    return value
+
+
+def _record_from_row(
+    row: Mapping[str, str], *, line: int, cluster: str, tz: tzinfo
+) -> Optional[JobRecord]:
+    """The JobRecord of one allocation row, or None for a step row."""
+    raw_id = row.get("JobIDRaw", "").strip()
+    shown_id = row.get("JobID", "").strip()
+    if not raw_id and not shown_id:
+        raise _Bad("no job id: JobIDRaw and JobID are empty")
+    parsed = [_field(row, n, parse_job_id) for n in ("JobID", "JobIDRaw") if row.get(n, "").strip()]
+    if any(p.is_step for p in parsed):
+        return None
+    job_id = shown_id or raw_id
+    try:
+        return _job_from_row(row, job_id, raw_id or shown_id, line=line, cluster=cluster, tz=tz)
+    except _Bad as exc:
+        raise _Bad(f"job {job_id}: {exc}") from exc
+
+
+def _job_from_row(
+    row: Mapping[str, str], job_id: str, raw_id: str, *, line: int, cluster: str, tz: tzinfo
+) -> JobRecord:
+    submit_at = _field(row, "Submit", parse_time, tz)
+    if submit_at is None:
+        raise _Bad(f"Submit {row.get('Submit', '')!r} is missing: the run cannot be identified")
+    start_at = _field(row, "Start", parse_time, tz)
+    end_at = _field(row, "End", parse_time, tz)
+    if "ElapsedRaw" in row:
+        raw = row["ElapsedRaw"].strip()
+        if raw and not re.fullmatch(r"-?[0-9]+", raw):
+            raise _Bad(f"ElapsedRaw {raw!r} is not a number of seconds")
+        elapsed_s = _elapsed(int(raw) if raw else None, "ElapsedRaw", start_at)
+    else:
+        elapsed_s = _elapsed(_field(row, "Elapsed", parse_duration), "Elapsed", start_at)
+    if "AllocTRES" in row:
+        tres = _field(row, "AllocTRES", parse_tres)
+    else:  # old --format without AllocTRES: CPUs and nodes only
+        cpus_field = "AllocCPUS" if "AllocCPUS" in row else "NCPUS"
+        tres = Tres(
+            cpu=_field(row, cpus_field, _optional_count, cpus_field),
+            node=_field(row, "NNodes", _optional_count, "NNodes"),
+        )
+    return JobRecord(
+        cluster=row.get("Cluster", "").strip() or cluster,
+        job_id=job_id,
+        job_id_raw=raw_id,
+        submit_at=submit_at,
+        start_at=start_at,
+        end_at=end_at,
+        elapsed_s=elapsed_s,
+        state=parse_state(row.get("State", "")),
+        account=row.get("Account", ""),
+        partition=row.get("Partition", ""),
+        user=row.get("User", ""),
+        tres=tres,
+        job_name=row.get("JobName", ""),
+        line=line,
+        extra={k: v for k, v in row.items() if k not in _CONSUMED},
+    )
+
+
+def _optional_count(value: str, name: str) -> int:
+    stripped = value.strip()
+    return _count(name, stripped) if stripped else 0
+
+
+# --- JSON (sacct --json, slurmrestd /slurmdb) ------------------------------------------------
+
+
+def _parse_json(data: bytes, *, cluster: str, source: str) -> ParseResult:
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise InputError(
+            f"{source}: starts with '{{' but is not valid JSON ({exc}); expected the output of "
+            "sacct --json or a slurmrestd /slurmdb jobs response"
+        ) from exc
+    jobs = document.get("jobs") if isinstance(document, dict) else None
+    if not isinstance(jobs, list):
+        errors = document.get("errors") if isinstance(document, dict) else None
+        detail = f" (its errors: {_snippet(json.dumps(errors))})" if errors else ""
+        raise InputError(
+            f'{source}: JSON without a "jobs" list{detail}; expected the output of sacct '
+            "--json or a slurmrestd /slurmdb jobs response"
+        )
+    if isinstance(document, dict) and document.get("errors"):
+        logger.warning("%s: the JSON reports errors: %s", source, _json_snippet(document["errors"]))
+    records: list[JobRecord] = []
+    rejected: list[Rejected] = []
+    steps = 0
+    for index, job in enumerate(jobs, start=1):
+        if isinstance(job, dict) and isinstance(job.get("steps"), list):
+            steps += len(job["steps"])
+        try:
+            records.append(_record_from_json(job, index=index, cluster=cluster))
+        except (_Bad, ValueError, TypeError, OverflowError) as exc:
+            rejected.append(Rejected(index, f"job #{index}: {exc}", _json_snippet(job)))
+    logger.debug(
+        "%s: %d records, %d rejected, %d steps ignored",
+        source,
+        len(records),
+        len(rejected),
+        steps,
+    )
+    return ParseResult(records=tuple(records), rejected=tuple(rejected), steps_ignored=steps)
+
+
+def _json_snippet(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    except (ValueError, TypeError, RecursionError):
+        text = "<unprintable>"
+    return _snippet(text)
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _jint(value: Any, what: str) -> Optional[int]:
+    """An int from a plain number or a ``{set, infinite, number}`` object; None when unset."""
+    if isinstance(value, dict):
+        if value.get("set") is False or value.get("infinite") is True:
+            return None
+        value = value.get("number")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Bad(f"{what} is {_json_snippet(value)}, not an integer")
+    return value
+
+
+def _jstr(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise _Bad(f"{what} is {_json_snippet(value)}, not a string")
+
+
+def _jtime(job: Any, key: str) -> Optional[datetime]:
+    seconds = _jint(_get(job, "time", key), f"time.{key}")
+    if seconds is None or seconds == 0:
+        return None  # 0: not known (yet)
+    if seconds < 0:
+        raise _Bad(f"time.{key} {seconds} is negative")
+    try:
+        return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=seconds)
+    except OverflowError as exc:
+        raise _Bad(f"time.{key} {seconds} is out of range") from exc
+
+
+def _json_tres(allocated: Any) -> Tres:
+    if allocated is None:
+        return Tres()
+    if not isinstance(allocated, list):
+        raise _Bad(f"tres.allocated is {_json_snippet(allocated)}, not a list")
+    cpu = node = billing = typed_gpus = 0
+    untyped_gpus: Optional[int] = None
+    mem_mb = Decimal(0)
+    for item in allocated:
+        if not isinstance(item, dict):
+            raise _Bad(f"tres.allocated item {_json_snippet(item)} is not an object")
+        kind = _jstr(item.get("type"), "tres type").lower()
+        name = _jstr(item.get("name"), "tres name").lower()
+        count = _jint(item.get("count"), f"tres {kind} count")
+        if count is None or count < 0 or count >= _NO_VAL:
+            continue  # NO_VAL (e.g. energy -2)
+        if kind == "cpu":
+            cpu = count
+        elif kind == "mem":
+            mem_mb = Decimal(count)  # MB, as Slurm counts memory
+        elif kind == "node":
+            node = count
+        elif kind == "billing":
+            billing = count
+        elif kind == "gres" and name == "gpu":
+            untyped_gpus = count
+        elif kind == "gres" and name.startswith("gpu:"):
+            typed_gpus += count
+    gpu = untyped_gpus if untyped_gpus is not None else typed_gpus
+    return Tres(cpu=cpu, mem_mb=mem_mb, node=node, gpu=gpu, billing=billing)
+
+
+def _json_state(state: Any) -> str:
+    current = state.get("current") if isinstance(state, dict) else state
+    if isinstance(current, list):  # 23.11+: ["CANCELLED", flags...]
+        current = next((c for c in current if isinstance(c, str)), "")
+    return parse_state(_jstr(current, "state.current"))
+
+
+def _json_display_id(job: Any, job_id: int) -> str:
+    array_job = _jint(_get(job, "array", "job_id"), "array.job_id") or 0
+    task = _jint(_get(job, "array", "task_id"), "array.task_id")
+    spec = _get(job, "array", "task")
+    het_job = _jint(_get(job, "het", "job_id"), "het.job_id") or 0
+    het_offset = _jint(_get(job, "het", "job_offset"), "het.job_offset")
+    if array_job and task is not None and 0 <= task < _NO_VAL:
+        return f"{array_job}_{task}"
+    if array_job and isinstance(spec, str) and spec:
+        return f"{array_job}_[{spec}]"
+    if het_job and het_offset is not None and 0 <= het_offset < _NO_VAL:
+        return f"{het_job}+{het_offset}"
+    return str(job_id)
+
+
+def _json_extra(job: Any) -> dict[str, str]:
+    extra: dict[str, str] = {}
+    for name, key in (
+        ("QOS", "qos"),
+        ("Group", "group"),
+        ("NodeList", "nodes"),
+        ("Constraints", "constraints"),
+        ("WorkDir", "working_directory"),
+        ("SubmitLine", "submit_line"),
+    ):
+        value = job.get(key)
+        if isinstance(value, str):
+            extra[name] = value
+    eligible = _jint(_get(job, "time", "eligible"), "time.eligible")
+    if eligible is not None:
+        extra["Eligible"] = str(eligible) if eligible > 0 else ""
+    nodes = _jint(job.get("allocation_nodes"), "allocation_nodes")
+    if nodes is not None:
+        extra["NNodes"] = str(nodes)
+    if isinstance(job.get("reservation"), dict):
+        reservation = job["reservation"].get("name")
+        extra["Reservation"] = reservation if isinstance(reservation, str) else ""
+    if isinstance(job.get("exit_code"), dict):
+        code = _jint(_get(job, "exit_code", "return_code"), "exit_code.return_code") or 0
+        signal = _jint(_get(job, "exit_code", "signal", "id"), "exit_code.signal.id") or 0
+        extra["ExitCode"] = f"{code}:{signal}"
+    return extra
+
+
+def _record_from_json(job: Any, *, index: int, cluster: str) -> JobRecord:
+    if not isinstance(job, dict):
+        raise _Bad(f"{_json_snippet(job)} is not a job object")
+    job_id = _jint(job.get("job_id"), "job_id")
+    if job_id is None or job_id <= 0:
+        raise _Bad(f"job_id {_json_snippet(job.get('job_id'))} is missing or not a job id")
+    try:
+        return _job_from_json(job, job_id, index=index, cluster=cluster)
+    except _Bad as exc:
+        raise _Bad(f"job {job_id}: {exc}") from exc
+
+
+def _job_from_json(job: dict[str, Any], job_id: int, *, index: int, cluster: str) -> JobRecord:
+    submit_at = _jtime(job, "submission")
+    if submit_at is None:
+        raise _Bad("time.submission is missing: the run cannot be identified")
+    start_at = _jtime(job, "start")
+    elapsed = _jint(_get(job, "time", "elapsed"), "time.elapsed")
+    found = job.get("association")
+    association: dict[str, Any] = found if isinstance(found, dict) else {}
+
+    def text(key: str) -> str:
+        return _jstr(job.get(key), key) or _jstr(association.get(key), f"association.{key}")
+
+    return JobRecord(
+        cluster=text("cluster") or cluster,
+        job_id=_json_display_id(job, job_id),
+        job_id_raw=str(job_id),
+        submit_at=submit_at,
+        start_at=start_at,
+        end_at=_jtime(job, "end"),
+        elapsed_s=_elapsed(elapsed, "time.elapsed", start_at),
+        state=_json_state(job.get("state")),
+        account=text("account"),
+        partition=text("partition"),
+        user=text("user"),
+        tres=_json_tres(_get(job, "tres", "allocated")),
+        job_name=_jstr(job.get("name"), "name"),
+        line=index,
+        extra=_json_extra(job),
+    )
