@@ -346,7 +346,7 @@ def outbox_text(rows: Sequence[OutboxRow]) -> str:
                 f"{r.quantity:.6f}",
                 str(r.attempts),
                 r.event_key,
-                r.last_error[:80],
+                r.last_error,
             ]
             for r in rows
         ],

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any, Optional
 
 from slurm_tracker.models import JobRecord, Tres
+from slurm_tracker.sacct import LIVE_DELIMITER, LIVE_FIELDS
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
 
@@ -47,3 +48,30 @@ def record(
         job_name=extra.pop("job_name", "job"),
         extra=extra,
     )
+
+
+def live_capture(rows: list[dict[str, str]]) -> bytes:
+    """sacct output in the agent's live format (-p, header, our delimiter, epoch times).
+
+    Each row gives the fields that matter to the test; the others get plausible values.
+    """
+    d = LIVE_DELIMITER
+    lines = [d.join(LIVE_FIELDS) + d]
+    for given in rows:
+        job = given.get("JobID", "1")
+        values = {
+            "Cluster": "box",
+            "JobIDRaw": job,
+            "User": "alice",
+            "Group": "alice",
+            "QOS": "normal",
+            "Eligible": given.get("Submit", ""),
+            "ExitCode": "0:0",
+            "NNodes": "1",
+            "NodeList": "node1",
+            "Reservation": "",
+            "JobName": "name with | bar\nand newline",
+            **given,
+        }
+        lines.append(d.join(values.get(f, "") for f in LIVE_FIELDS) + d)
+    return ("\n".join(lines) + "\n").encode()

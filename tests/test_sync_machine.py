@@ -35,8 +35,8 @@ from hypothesis.stateful import (
 from slurm_tracker import pipeline
 from slurm_tracker.api import AllocationsClient
 from slurm_tracker.config import config_from_text
-from slurm_tracker.sacct import LIVE_DELIMITER, LIVE_FIELDS
 from slurm_tracker.state import State
+from tests.factories import live_capture
 
 BASE = "https://api.test"
 T0 = datetime(2026, 1, 31, 20, 0, tzinfo=timezone.utc)  # a month boundary comes soon
@@ -84,6 +84,25 @@ class Run:
     @property
     def key(self) -> str:
         return f"box:{self.job_id}:{int((T0 + timedelta(seconds=self.submit_s)).timestamp())}"
+
+    def row(self, now_s: int) -> dict[str, str]:
+        """This run as sacct shows it at ``now_s`` (seconds after T0)."""
+        epoch = int(T0.timestamp())
+        started = self.start_s is not None and self.start_s <= now_s
+        tres = f"billing={self.cpu},cpu={self.cpu},mem=1G,node=1" + (
+            f",gres/gpu={self.gpu}" if self.gpu else ""
+        )
+        return {
+            "JobID": str(self.job_id),
+            "Account": self.account,
+            "Partition": self.partition,
+            "Submit": str(epoch + self.submit_s),
+            "Start": str(epoch + (self.start_s or 0)) if started else "Unknown",
+            "End": str(epoch + (self.start_s or 0) + self.elapsed_s) if self.final else "Unknown",
+            "ElapsedRaw": str(self.elapsed_s if started else 0),
+            "State": "COMPLETED" if self.final else ("RUNNING" if started else "PENDING"),
+            "AllocTRES": tres if started else "",
+        }
 
     def truth(self, metric: str) -> Decimal:
         return Decimal(self.cpu if metric == "cpu" else self.gpu) * self.elapsed_s / 3600
@@ -190,42 +209,6 @@ class CrashingState(State):
         self._maybe("after-ack")
 
 
-def render(runs: list[Run], now_s: int) -> bytes:
-    """The live sacct format (-p with a header and our delimiter), epoch times."""
-    d = LIVE_DELIMITER
-    lines = [d.join(LIVE_FIELDS) + d]
-    epoch = int(T0.timestamp())
-    for run in runs:
-        started = run.start_s is not None and run.start_s <= now_s
-        tres = f"billing={run.cpu},cpu={run.cpu},mem=1G,node=1" + (
-            f",gres/gpu={run.gpu}" if run.gpu else ""
-        )
-        values = {
-            "Cluster": "box",
-            "JobID": str(run.job_id),
-            "JobIDRaw": str(run.job_id),
-            "Account": run.account,
-            "Partition": run.partition,
-            "User": "alice",
-            "Group": "alice",
-            "QOS": "normal",
-            "Submit": str(epoch + run.submit_s),
-            "Eligible": str(epoch + run.submit_s),
-            "Start": str(epoch + run.start_s) if started and run.start_s is not None else "Unknown",
-            "End": str(epoch + (run.start_s or 0) + run.elapsed_s) if run.final else "Unknown",
-            "ElapsedRaw": str(run.elapsed_s if started else 0),
-            "State": "COMPLETED" if run.final else ("RUNNING" if started else "PENDING"),
-            "ExitCode": "0:0",
-            "AllocTRES": tres if started else "",
-            "NNodes": "1",
-            "NodeList": "node1" if started else "None assigned",
-            "Reservation": "",
-            "JobName": "name with | bar\nand newline",
-        }
-        lines.append(d.join(values[f] for f in LIVE_FIELDS) + d)
-    return ("\n".join(lines) + "\n").encode()
-
-
 class SyncMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -313,7 +296,7 @@ class SyncMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ the agent
     def sync(self, crash: Optional[str] = None) -> None:
         path = self.dir / "sacct.txt"
-        path.write_bytes(render(self.runs, self.now_s))
+        path.write_bytes(live_capture([r.row(self.now_s) for r in self.runs]))
         client = AllocationsClient(
             BASE,
             "org",

@@ -1,0 +1,329 @@
+"""The command line through click's CliRunner: exit codes, the table, the JSON document."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import requests
+import responses
+import urllib3
+from click.testing import CliRunner, Result
+
+from slurm_tracker.cli import main
+from slurm_tracker.state import State, StateLock
+from tests.factories import live_capture
+
+T = int(datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc).timestamp())
+BASE = "https://api.test"
+USAGE = re.compile(re.escape(BASE) + r"/api/organizations/org/allocations/([^/]+)/usage")
+CONFIG = """
+cluster: box
+state_file: state.db
+reporting_interval: 10m
+api: {{organization: org, url: "{base}", max_attempts: 2, max_retry_time: 1s}}
+sacct: {{path: "{sacct}", timeout: 5s}}
+accounts: {{map: {{physics: physics-2026, chemistry: chemistry-2026}}}}
+partitions:
+  map:
+    compute: SLURM_CPU_HOUR
+    gpu: [{{sku: SLURM_GPU_HOUR, metric: gpu}}, {{sku: SLURM_CPU_HOUR, metric: cpu}}]
+catalog:
+  units:
+    - name: core-hours
+      ratedInUsd: false
+      skus: [{{code: SLURM_CPU_HOUR, rules: []}}]
+    - name: usd
+      ratedInUsd: true
+      rules: [{{effectiveFrom: "2026-01-01T00:00:00Z", effectiveTo: null, rate: 0.04}}]
+      skus:
+        - code: SLURM_GPU_HOUR
+          rules: [{{effectiveFrom: "2026-01-01T00:00:00Z", effectiveTo: null, rate: 2.5}}]
+"""
+ROWS = [
+    # 4 cores for 1 h, finished
+    {
+        "JobID": "11",
+        "Account": "physics",
+        "Partition": "compute",
+        "Submit": str(T),
+        "Start": str(T),
+        "End": str(T + 3600),
+        "ElapsedRaw": "3600",
+        "State": "COMPLETED",
+        "AllocTRES": "cpu=4,mem=4G,node=1,billing=4",
+    },
+    # 2 GPUs + 8 cores for 30 min, failed: state names do not matter
+    {
+        "JobID": "12",
+        "Account": "chemistry",
+        "Partition": "gpu",
+        "Submit": str(T),
+        "Start": str(T),
+        "End": str(T + 1800),
+        "ElapsedRaw": "1800",
+        "State": "OUT_OF_MEMORY",
+        "AllocTRES": "cpu=8,gres/gpu:a100=2,gres/gpu=2,mem=16G,node=1",
+    },
+    {
+        "JobID": "13",
+        "Account": "unmapped-lab",
+        "Partition": "compute",
+        "Submit": str(T),
+        "Start": str(T),
+        "End": str(T + 60),
+        "ElapsedRaw": "60",
+        "State": "COMPLETED",
+        "AllocTRES": "cpu=1,node=1",
+    },
+    {
+        "JobID": "14",
+        "Account": "physics",
+        "Partition": "compute",
+        "Submit": str(T),
+        "Start": "Unknown",
+        "End": "Unknown",
+        "ElapsedRaw": "0",
+        "State": "PENDING",
+        "AllocTRES": "",
+    },
+]
+DRY_RUN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["events", "skipped", "rejected", "totals"],
+    "properties": {
+        "events": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": [
+                    "allocation",
+                    "sku",
+                    "quantity",
+                    "startedAt",
+                    "endedAt",
+                    "user",
+                    "metadata",
+                    "rated",
+                ],
+                "properties": {
+                    "quantity": {"type": "number", "exclusiveMinimum": 0},
+                    "metadata": {
+                        "type": "object",
+                        "required": ["eventKey", "jobId", "cluster", "account", "partition"],
+                    },
+                    "rated": {
+                        "type": ["object", "null"],
+                        "required": ["unit", "amount", "usd"],
+                    },
+                },
+            },
+        },
+        "skipped": {"type": "array", "items": {"required": ["jobId", "reason"]}},
+        "rejected": {"type": "array", "items": {"required": ["line", "reason"]}},
+        "totals": {
+            "type": "array",
+            "items": {"required": ["allocation", "sku", "quantity", "amount", "usd"]},
+        },
+    },
+}
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    sacct = tmp_path / "fake-sacct"
+    capture = tmp_path / "capture.txt"
+    capture.write_bytes(live_capture(ROWS))
+    sacct.write_text(f"#!/bin/sh\ncat '{capture}'\n")
+    sacct.chmod(0o755)
+    (tmp_path / "config.yaml").write_text(CONFIG.format(base=BASE, sacct=sacct))
+    return tmp_path
+
+
+def run(site: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+    environ = {"PW_API_KEY": "pwt_dGVzdA.secret-value", **(env or {})}
+    return CliRunner().invoke(main, [*args, "--config", str(site / "config.yaml")], env=environ)
+
+
+def test_dry_run_table_from_a_saved_file(site: Path) -> None:
+    result = run(site, "sync", "--dry-run", "--sacct-file", str(site / "capture.txt"))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "Dry run" in out and "4 job records: 3 events planned, 2 skipped, 0 rejected" in out
+    assert re.search(r"physics-2026\s+SLURM_CPU_HOUR\s+core-hours\s+1\s+4\.000000\s+4\.000000", out)
+    assert re.search(
+        r"chemistry-2026\s+SLURM_GPU_HOUR\s+GPU-hours\s+1\s+1\.000000\s+2\.500000\s+usd\s+0\.10",
+        out,
+    )
+    assert "account 'unmapped-lab' maps to no allocation" in out
+    assert not (site / "state.db").exists()
+
+
+def test_dry_run_json_document(site: Path) -> None:
+    result = run(
+        site, "sync", "--dry-run", "--sacct-file", str(site / "capture.txt"), "--output", "json"
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    jsonschema.validate(doc, DRY_RUN_SCHEMA)
+    by_sku = {(e["allocation"], e["sku"]): e for e in doc["events"]}
+    gpu = by_sku[("chemistry-2026", "SLURM_GPU_HOUR")]
+    assert gpu["quantity"] == 1.0
+    assert gpu["rated"] == {"unit": "usd", "amount": 2.5, "usd": 0.1}
+    assert gpu["metadata"]["eventKey"] == f"st1:box:12:{T}:0-1800:SLURM_GPU_HOUR"
+    assert by_sku[("chemistry-2026", "SLURM_CPU_HOUR")]["quantity"] == 4.0
+    assert {s["jobId"] for s in doc["skipped"]} == {"13", "14"}
+    assert doc["totals"][0]["allocation"] == "chemistry-2026"
+
+
+def test_live_dry_run_uses_sacct_and_writes_nothing(site: Path) -> None:
+    result = run(site, "sync", "--dry-run", "--now", "2026-03-02T12:00:00Z")
+    assert result.exit_code == 0, result.output
+    assert "window 2026-03-01T11:58:00Z .. 2026-03-02T11:58:00Z" in result.output
+    assert not (site / "state.db").exists() and not (site / "state.db.lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["sync", "--dry-run", "--sacct-file", "/nonexistent"], 2, "cannot read sacct file"),
+        (["sync", "--dry-run", "--now", "yesterday"], 2, "not an RFC 3339 time"),
+        (["sync", "--output", "xml"], 2, "Invalid value"),
+    ],
+)
+def test_usage_errors(site: Path, args: list[str], code: int, message: str) -> None:
+    result = run(site, *args)
+    assert result.exit_code == code
+    assert message in result.output
+
+
+def test_bad_config_lists_every_problem(site: Path) -> None:
+    (site / "config.yaml").write_text("cluster: box\nreportng_interval: 5m\nsacct: {lag: soon}\n")
+    result = run(site, "check")
+    assert result.exit_code == 3
+    assert "reportng_interval" in result.output and "reporting_interval" in result.output
+    assert "sacct.lag" in result.output
+    assert "nothing would ever be billed" in result.output or "accounts" in result.output
+
+
+def test_failing_sacct_is_temporary_and_changes_nothing(site: Path) -> None:
+    broken = site / "fake-sacct"
+    broken.write_text("#!/bin/sh\necho 'sacct: error: slurmdbd: connection refused' >&2\nexit 1\n")
+    result = run(site, "sync")
+    assert result.exit_code == 75
+    assert "slurmdbd: connection refused" in result.output
+    with State.open(site / "state.db", readonly=True) as store:
+        assert store.high_water_at() is None and store.to_send() == []
+
+
+def test_lock_held_exits_75(site: Path) -> None:
+    with StateLock(site / "state.db") as lock:
+        lock.acquire(datetime.now(timezone.utc))
+        result = run(site, "sync")
+    assert result.exit_code == 75
+    assert "in use by another slurm-tracker" in result.output
+
+
+class Api:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.mode = "ok"
+
+    def post(self, request: Any) -> tuple[int, dict[str, str], str]:
+        body = json.loads(request.body)
+        if self.mode == "down":
+            raise requests.exceptions.ConnectionError(
+                urllib3.exceptions.NewConnectionError(None, "refused")  # type: ignore[arg-type]
+            )
+        if self.mode == "reject-gpu" and body["sku"] == "SLURM_GPU_HOUR":
+            return 400, {}, json.dumps({"error": True, "message": "SKU archived", "code": "x"})
+        self.events.append(body)
+        return 200, {}, json.dumps({"id": f"e{len(self.events)}", **body})
+
+    def list(self, request: Any) -> tuple[int, dict[str, str], str]:
+        needle = request.params.get("metadata", "").lower()
+        items = [
+            {"id": f"e{i + 1}", **e}
+            for i, e in enumerate(self.events)
+            if needle in json.dumps(e["metadata"]).lower()
+        ]
+        return (
+            200,
+            {},
+            json.dumps(
+                {"items": items, "total": len(items), "page": 1, "pageSize": 100, "totalPages": 1}
+            ),
+        )
+
+
+@pytest.fixture
+def api() -> Any:
+    fake = Api()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.add_callback(responses.POST, USAGE, callback=fake.post)
+        mock.add_callback(responses.GET, USAGE, callback=fake.list)
+        yield fake
+
+
+def test_sync_posts_once_then_converges(site: Path, api: Api) -> None:
+    first = run(site, "sync", "--now", "2026-03-02T12:00:00Z", "--output", "json")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.output)
+    assert summary["posted"] == 3 and summary["pending"] == 0 and summary["outcome"] == "ok"
+    assert sorted(e["quantity"] for e in api.events) == [1.0, 4.0, 4.0]
+    again = run(site, "sync", "--now", "2026-03-02T12:05:00Z", "--output", "json")
+    assert json.loads(again.output)["posted"] == 0 and len(api.events) == 3
+    dry = run(site, "sync", "--dry-run", "--now", "2026-03-02T12:10:00Z", "--output", "json")
+    assert json.loads(dry.output)["events"] == []
+    status = run(site, "status", "--output", "json", "--now", "2026-03-02T12:10:00Z")
+    info = json.loads(status.output)
+    assert info["outbox"]["acked"] == 3 and info["lastSync"]["outcome"] == "ok"
+    assert info["highWaterMark"] == "2026-03-02T12:03:00Z"
+    assert "secret-value" not in first.output + again.output + status.output
+
+
+def test_api_down_keeps_everything_pending_then_delivers(site: Path, api: Api) -> None:
+    api.mode = "down"
+    down = run(site, "sync", "--now", "2026-03-02T12:00:00Z")
+    assert down.exit_code == 75, down.output
+    with State.open(site / "state.db", readonly=True) as store:
+        assert len(store.to_send()) == 3
+    api.mode = "ok"
+    up = run(site, "sync", "--now", "2026-03-02T12:05:00Z")
+    assert up.exit_code == 0, up.output
+    assert len(api.events) == 3
+
+
+def test_rejected_event_is_dead_lettered_listed_and_retried(site: Path, api: Api) -> None:
+    api.mode = "reject-gpu"
+    result = run(site, "sync", "--now", "2026-03-02T12:00:00Z")
+    assert result.exit_code == 4
+    assert len(api.events) == 2
+    listing = run(site, "outbox", "list", "--status", "dead")
+    assert "SLURM_GPU_HOUR" in listing.output and "SKU archived" in listing.output
+    assert run(site, "outbox", "retry").exit_code == 2  # names or --all required
+    assert "1 event back to pending" in run(site, "outbox", "retry", "--all").output
+    api.mode = "ok"
+    assert run(site, "sync", "--now", "2026-03-02T12:05:00Z").exit_code == 0
+    assert len(api.events) == 3
+
+
+def test_missing_api_key_is_a_config_error(site: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["sync", "--config", str(site / "config.yaml")], env={"PW_API_KEY": ""}
+    )
+    assert result.exit_code == 3
+    assert "PW_API_KEY" in result.output
+
+
+def test_check_and_catalog_show(site: Path) -> None:
+    check = run(site, "check")
+    assert check.exit_code == 0 and "valid" in check.output
+    show = run(site, "catalog", "show", "--at", "2026-03-01T00:00:00Z")
+    assert show.exit_code == 0
+    assert re.search(r"SLURM_GPU_HOUR\s+usd\s+2\.5\s+0\.04", show.output)
