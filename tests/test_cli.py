@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ cluster: box
 state_file: state.db
 reporting_interval: 10m
 api: {{organization: org, url: "{base}", max_attempts: 2, max_retry_time: 1s}}
-sacct: {{path: "{sacct}", timeout: 5s}}
+sacct: {{path: "{sacct}", timeout: 5s, backfill_pause: 0s}}
 accounts: {{map: {{physics: physics-2026, chemistry: chemistry-2026}}}}
 partitions:
   map:
@@ -327,3 +329,99 @@ def test_check_and_catalog_show(site: Path) -> None:
     show = run(site, "catalog", "show", "--at", "2026-03-01T00:00:00Z")
     assert show.exit_code == 0
     assert re.search(r"SLURM_GPU_HOUR\s+usd\s+2\.5\s+0\.04", show.output)
+
+
+def test_backfill_dry_run_counts_a_run_seen_by_several_chunks_once(site: Path) -> None:
+    # the fake sacct prints the same capture for every chunk, as sacct does for jobs that
+    # overlap several windows: each run must still be planned once
+    result = run(
+        site,
+        "backfill",
+        "--start",
+        "2026-03-01",
+        "--end",
+        "2026-03-04",
+        "--dry-run",
+        "--output",
+        "json",
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert len(doc["events"]) == 3
+    assert {(t["sku"], t["quantity"]) for t in doc["totals"]} == {
+        ("SLURM_CPU_HOUR", 4.0),
+        ("SLURM_GPU_HOUR", 1.0),
+        ("SLURM_CPU_HOUR", 4.0),
+    }
+    assert not (site / "state.db").exists()
+
+
+def test_backfill_posts_once_and_leaves_the_high_water_mark(site: Path, api: Api) -> None:
+    result = run(
+        site,
+        "backfill",
+        "--start",
+        "2026-03-01",
+        "--end",
+        "2026-03-03",
+        "--chunk",
+        "12h",
+        "--output",
+        "json",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["posted"] == 3 and len(api.events) == 3
+    with State.open(site / "state.db", readonly=True) as store:
+        assert store.high_water_at() is None
+    again = run(site, "backfill", "--start", "2026-03-01", "--end", "2026-03-02")
+    assert again.exit_code == 0 and len(api.events) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--start", "2026-03-02", "--end", "2026-03-01"], "--end must be after --start"),
+        (["--start", "2026-03-01", "--end", "2026-03-02", "--chunk", "soon"], "--chunk"),
+    ],
+)
+def test_backfill_usage_errors(site: Path, args: list[str], message: str) -> None:
+    result = run(site, "backfill", *args, "--dry-run")
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_check_online_reports_missing_allocations_and_skus(site: Path) -> None:
+    org = f"{BASE}/api/organizations/org"
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{org}/allocations/physics-2026", json={"name": "physics-2026"})
+        mock.get(
+            f"{org}/allocations/chemistry-2026",
+            status=404,
+            json={"error": True, "message": "allocation not found", "code": "not_found"},
+        )
+        mock.get(f"{org}/units", json=[{"id": "u1", "name": "core-hours"}])
+        mock.get(f"{org}/units/core-hours/skus", json=[{"id": "s1", "code": "SLURM_CPU_HOUR"}])
+        result = run(site, "check", "--online")
+    assert result.exit_code == 3, result.output
+    assert "allocation 'chemistry-2026'" in result.output and "not found" in result.output
+    assert "SKU 'SLURM_GPU_HOUR' is not among" in result.output
+    assert "physics-2026" not in result.output.split("problem", 1)[1].split("\n")[0]
+
+
+def test_check_warns_about_mapped_skus_missing_from_the_catalog(site: Path) -> None:
+    text = (site / "config.yaml").read_text().replace("code: SLURM_GPU_HOUR", "code: OTHER_SKU")
+    (site / "config.yaml").write_text(text)
+    result = run(site, "check")
+    assert result.exit_code == 0
+    assert (
+        "SKU SLURM_GPU_HOUR is mapped in partitions but missing from the catalog" in result.output
+    )
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "slurm_tracker", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.startswith("slurm-tracker, version ")
