@@ -43,6 +43,14 @@ def map_record(
 ) -> Union[Target, Skipped]:
     """The allocation and SKUs a run is billed to, or why it is not billed."""
     account = record.account
+    if not account or not record.partition:
+        missing = "account" if not account else "partition"
+        return Skipped(
+            record.job_id,
+            f"record has no {missing} (slurmdbd may not have completed it yet; "
+            "it is read again by the next sync while inside the overlap)",
+            record.run,
+        )
     if _ignored(account, accounts.ignore):
         return Skipped(record.job_id, f"account {account!r} is ignored by the config", record.run)
     allocation = _lookup(account, accounts.exact, accounts.patterns) or accounts.default

@@ -122,7 +122,7 @@ def plan_text(
                 _fmt(t.quantity),
                 _fmt(t.amount),
                 t.unit or "-",
-                _fmt(t.usd, 2),
+                _fmt(t.usd),
             ]
             for t in totals
         ]

@@ -33,6 +33,10 @@ PARTITIONS = PartitionMapping(
         ("biology", "compute", "account 'biology' maps to no allocation"),
         ("physics", "debug", "partition 'debug' is ignored"),
         ("physics", "weird", "partition 'weird' maps to no SKU"),
+        # slurmdbd can briefly store an ended job without its partition: never bill it to a
+        # default, wait for the complete record
+        ("physics", "", "record has no partition"),
+        ("", "compute", "record has no account"),
     ],
 )
 def test_map_record(account: str, partition: str, expected: object) -> None:
@@ -44,9 +48,10 @@ def test_map_record(account: str, partition: str, expected: object) -> None:
         assert str(expected) in result.reason
 
 
-def test_defaults_catch_the_rest() -> None:
+def test_defaults_catch_the_rest_but_not_incomplete_records() -> None:
     accounts = AccountMapping(exact={"physics": "p"}, default="general")
     partitions = PartitionMapping(default=(CPU,))
     assert map_record(record(account="x", partition="y"), accounts, partitions) == Target(
         "general", (CPU,)
     )
+    assert isinstance(map_record(record(partition=""), accounts, partitions), Skipped)
