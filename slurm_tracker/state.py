@@ -26,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import quote
 
 from slurm_tracker.errors import LockHeld, StateError
 from slurm_tracker.models import PlannedEvent, RunKey
@@ -179,8 +180,16 @@ class State:
                     state = cls(conn, path, readonly=True)
                     state._migrate()
                     return state
+                # Without a -wal file the database is fully checkpointed: read it as immutable,
+                # so that not even the -shm/-wal side files are created. With one (a sync is
+                # running, or died), read through the WAL to see its latest commits.
+                wal = path.with_name(path.name + "-wal").exists()
+                mode = "ro" if wal else "ro&immutable=1"
                 conn = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10
+                    f"file:{quote(str(path))}?mode={mode}",
+                    uri=True,
+                    check_same_thread=False,
+                    timeout=10,
                 )
             else:
                 _private_parent(path)

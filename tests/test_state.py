@@ -63,12 +63,12 @@ def test_commit_plan_stores_outbox_progress_and_mark_together(tmp_path: Path) ->
 
 
 def test_a_failing_transaction_stores_nothing(tmp_path: Path) -> None:
-    events = events_for("6")
+    events = events_for("6") + events_for("16")
     with State.open(tmp_path / "s.db") as store:
-        with pytest.raises(TypeError):
-            store.commit_plan(events, [{"bad": object()}], NOW, NOW)
+        with pytest.raises(TypeError):  # the second body cannot be stored
+            store.commit_plan(events, [request_body(events[0]), {"bad": object()}], NOW, NOW)
         assert store.to_send() == []
-        assert store.reported([events[0].run]) == {}
+        assert store.reported([e.run for e in events]) == {}
         assert store.high_water_at() is None
 
 
@@ -117,9 +117,29 @@ def test_readonly_never_writes_and_missing_file_is_empty(tmp_path: Path) -> None
     with State.open(path) as store:
         store_events(store, events_for(), NOW)
     before = path.read_bytes()
+    files = sorted(p.name for p in tmp_path.iterdir())
     with State.open(path, readonly=True) as store:
         assert store.high_water_at() == NOW
     assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # not even -wal/-shm files
+
+
+def test_readonly_sees_commits_still_in_the_wal(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with State.open(path) as writer:  # a sync in progress: its commits sit in the -wal
+        store_events(writer, events_for(), NOW)
+        assert (tmp_path / "state.db-wal").exists()
+        with State.open(path, readonly=True) as reader:
+            assert reader.high_water_at() == NOW
+            assert len(reader.to_send()) == 1
+
+
+def test_path_with_uri_characters(tmp_path: Path) -> None:
+    path = tmp_path / "odd ?#% name.db"
+    with State.open(path) as store:
+        store_events(store, events_for(), NOW)
+    with State.open(path, readonly=True) as store:
+        assert store.high_water_at() == NOW
 
 
 @pytest.mark.parametrize(
