@@ -97,6 +97,14 @@ def _config_option(func: F) -> F:
     )(func)
 
 
+_state_option = click.option(
+    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+)
+_output_option = click.option(
+    "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+
+
 def _parse_now(
     _ctx: click.Context, _param: click.Parameter, value: Optional[str]
 ) -> Optional[datetime]:
@@ -153,40 +161,30 @@ def _fields(sacct_fields: Optional[str]) -> Optional[list[str]]:
 
 
 def _input_options(func: F) -> F:
-    for option in reversed(
-        [
-            click.option(
-                "--state",
-                "state_path",
-                metavar="PATH",
-                help="State file (default: from the config).",
-            ),
-            click.option(
-                "--sacct-file",
-                metavar="PATH",
-                help="Read saved sacct output (parsable with a header, or --json; '-' for stdin) "
-                "instead of running sacct.",
-            ),
-            click.option(
-                "--sacct-fields",
-                metavar="LIST",
-                help="Field list of a saved parsable file that has no header line.",
-            ),
-            click.option(
-                "--now",
-                "now_at",
-                metavar="RFC3339",
-                callback=_parse_now,
-                help="Pin the clock (tests, replays).",
-            ),
-            click.option(
-                "--output",
-                type=click.Choice(["table", "json"]),
-                default="table",
-                show_default=True,
-            ),
-        ]
-    ):
+    """The options of a sync: which state, which input, which clock, which output."""
+    options = [
+        _state_option,
+        click.option(
+            "--sacct-file",
+            metavar="PATH",
+            help="Read saved sacct output (parsable with a header, or --json; '-' for stdin) "
+            "instead of running sacct.",
+        ),
+        click.option(
+            "--sacct-fields",
+            metavar="LIST",
+            help="Field list of a saved parsable file that has no header line.",
+        ),
+        click.option(
+            "--now",
+            "now_at",
+            metavar="RFC3339",
+            callback=_parse_now,
+            help="Pin the clock (tests, replays).",
+        ),
+        _output_option,
+    ]
+    for option in reversed(options):
         func = option(func)
     return func
 
@@ -300,10 +298,8 @@ def _finish(result: pipeline.SyncResult, output: str) -> None:
     help="One sacct call per chunk (default: sacct.backfill_chunk, 1d).",
 )
 @click.option("--dry-run", is_flag=True, help="Plan and show; write no state, send nothing.")
-@click.option(
-    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
-)
-@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_state_option
+@_output_option
 @_log_options
 @handles_errors
 def backfill(
@@ -351,10 +347,8 @@ def backfill(
 
 @main.command()
 @_config_option
-@click.option(
-    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
-)
-@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_state_option
+@_output_option
 @click.option("--now", "now_at", metavar="RFC3339", callback=_parse_now, hidden=True)
 @_log_options
 @handles_errors
@@ -380,9 +374,7 @@ def status(
 
 @main.command()
 @_config_option
-@click.option(
-    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
-)
+@_state_option
 @click.option("--online", is_flag=True, help="Also check the API key, allocations and SKUs.")
 @_log_options
 @handles_errors
@@ -423,9 +415,7 @@ def outbox() -> None:
 
 @outbox.command("list")
 @_config_option
-@click.option(
-    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
-)
+@_state_option
 @click.option(
     "--status",
     "statuses",
@@ -433,7 +423,7 @@ def outbox() -> None:
     type=click.Choice(["pending", "sending", "acked", "dead", "dropped"]),
     help="Only these statuses (repeatable; default: pending, sending and dead).",
 )
-@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_output_option
 @handles_errors
 def outbox_list(
     config_path: Optional[str], state_path: Optional[str], statuses: tuple[str, ...], output: str
@@ -469,34 +459,25 @@ def _outbox_change(
     click.echo(f"{count} event{'s' if count != 1 else ''} {done}")
 
 
-@outbox.command("retry")
-@_config_option
-@click.option(
-    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
-)
-@click.option("--all", "all_", is_flag=True, help="Every dead event.")
-@click.argument("keys", nargs=-1)
-@handles_errors
-def outbox_retry(
-    config_path: Optional[str], state_path: Optional[str], all_: bool, keys: tuple[str, ...]
-) -> None:
-    """Put dead (or dropped) events back in the queue, e.g. after fixing an allocation."""
-    _outbox_change(config_path, state_path, keys, all_, "retry")
+def _outbox_change_command(verb: str, help_text: str) -> None:
+    """Register `outbox retry` or `outbox drop`: they differ only in what they do to a row."""
+
+    @outbox.command(verb, help=help_text)
+    @_config_option
+    @_state_option
+    @click.option("--all", "all_", is_flag=True, help="Every dead event.")
+    @click.argument("keys", nargs=-1)
+    @handles_errors
+    def command(
+        config_path: Optional[str], state_path: Optional[str], all_: bool, keys: tuple[str, ...]
+    ) -> None:
+        _outbox_change(config_path, state_path, keys, all_, verb)
 
 
-@outbox.command("drop")
-@_config_option
-@click.option(
-    "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
+_outbox_change_command(
+    "retry", "Put dead (or dropped) events back in the queue, e.g. after fixing an allocation."
 )
-@click.option("--all", "all_", is_flag=True, help="Every dead event.")
-@click.argument("keys", nargs=-1)
-@handles_errors
-def outbox_drop(
-    config_path: Optional[str], state_path: Optional[str], all_: bool, keys: tuple[str, ...]
-) -> None:
-    """Give up dead events: they are kept, marked dropped, and never sent."""
-    _outbox_change(config_path, state_path, keys, all_, "drop")
+_outbox_change_command("drop", "Give up dead events: they are kept, marked dropped, never sent.")
 
 
 @main.group()
@@ -541,7 +522,7 @@ def catalog_pull(
     callback=_parse_now,
     help="Show the rates in force at this time (default: now).",
 )
-@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_output_option
 @handles_errors
 def catalog_show(config_path: Optional[str], at: Optional[datetime], output: str) -> None:
     """The rates in force per SKU, and their history."""
