@@ -226,7 +226,7 @@ def sync(
     now_at = now_at or pipeline.utc_now()
     catalog = pipeline.load_catalog(config)
     path = _state_path(config, state_path)
-    stdin = click.get_binary_stream("stdin")
+    stdin = sys.stdin.buffer
     if dry_run:
         with State.open(path, readonly=True) as store:
             window = pipeline.sync_window(now_at, store.high_water_at(), config.sacct)
