@@ -255,6 +255,9 @@ def reported_after(plan: Plan, before: Mapping[RunKey, int]) -> dict[RunKey, int
     return after
 
 
+GIVE_UP_AFTER_FAILURES = 3  # undeliverable events in a row that end a delivery pass
+
+
 @dataclass(frozen=True)
 class DeliveryReport:
     """What one delivery pass did with the outbox."""
@@ -277,10 +280,12 @@ def deliver_outbox(
 
     Each row is marked ``sending`` (committed) before each attempt; an earlier attempt whose
     outcome is unknown makes the next one look the event key up first (api.deliver).
-    A rejected API key stops the pass: every other event would fail the same way.
+    A rejected API key stops the pass (every other event would fail the same way), and so do
+    GIVE_UP_AFTER_FAILURES events in a row that could not be delivered: an unreachable API must
+    not hold one sync for hours, while one event the API keeps failing on blocks no other.
     """
     rows = store.to_send()
-    counts = {"acked": 0, "found": 0, "dead": 0, "pending": 0}
+    counts = {"acked": 0, "found": 0, "dead": 0, "pending": 0, "failed_in_a_row": 0}
     messages = {"unavailable": "", "auth": ""}
     stop = threading.Event()
     guard = threading.Lock()
@@ -304,7 +309,10 @@ def deliver_outbox(
             store.mark_pending(key, str(exc), exc.last_outcome_unknown, clock())
             with guard:
                 counts["pending"] += 1
+                counts["failed_in_a_row"] += 1
                 messages["unavailable"] = str(exc)
+                if counts["failed_in_a_row"] >= GIVE_UP_AFTER_FAILURES:
+                    stop.set()  # the API is down: leave the rest for the next sync
             return
         except ApiError as exc:  # the key or the configuration was refused (401, 403...)
             store.mark_pending(key, str(exc), True, clock())  # look it up next time, to be safe
@@ -313,6 +321,8 @@ def deliver_outbox(
                 counts["pending"] += 1
                 messages["auth"] = str(exc)
             return
+        with guard:
+            counts["failed_in_a_row"] = 0
         if outcome.status == "acked":
             store.mark_acked(key, outcome.event_id, clock())
             with guard:

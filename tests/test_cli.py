@@ -147,9 +147,13 @@ def site(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run(site: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+def run(
+    site: Path, *args: str, env: dict[str, str] | None = None, input: bytes | None = None
+) -> Result:
     environ = {"PW_API_KEY": "pwt_dGVzdA.secret-value", **(env or {})}
-    return CliRunner().invoke(main, [*args, "--config", str(site / "config.yaml")], env=environ)
+    return CliRunner().invoke(
+        main, [*args, "--config", str(site / "config.yaml")], env=environ, input=input
+    )
 
 
 def test_dry_run_table_from_a_saved_file(site: Path) -> None:
@@ -171,7 +175,7 @@ def test_dry_run_json_document(site: Path) -> None:
         site, "sync", "--dry-run", "--sacct-file", str(site / "capture.txt"), "--output", "json"
     )
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     jsonschema.validate(doc, DRY_RUN_SCHEMA)
     by_sku = {(e["allocation"], e["sku"]): e for e in doc["events"]}
     gpu = by_sku[("chemistry-2026", "SLURM_GPU_HOUR")]
@@ -235,13 +239,17 @@ class Api:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.mode = "ok"
+        self.posts = 0
 
     def post(self, request: Any) -> tuple[int, dict[str, str], str]:
         body = json.loads(request.body)
+        self.posts += 1
         if self.mode == "down":
             raise requests.exceptions.ConnectionError(
                 urllib3.exceptions.NewConnectionError(None, "refused")  # type: ignore[arg-type]
             )
+        if self.mode == "poison" and body["metadata"]["jobId"] == "1000":
+            return 502, {}, "bad gateway"
         if self.mode == "reject-gpu" and body["sku"] == "SLURM_GPU_HOUR":
             return 400, {}, json.dumps({"error": True, "message": "SKU archived", "code": "x"})
         self.events.append(body)
@@ -275,15 +283,15 @@ def api() -> Any:
 def test_sync_posts_once_then_converges(site: Path, api: Api) -> None:
     first = run(site, "sync", "--now", "2026-03-02T12:00:00Z", "--output", "json")
     assert first.exit_code == 0, first.output
-    summary = json.loads(first.output)
+    summary = json.loads(first.stdout)
     assert summary["posted"] == 3 and summary["pending"] == 0 and summary["outcome"] == "ok"
     assert sorted(e["quantity"] for e in api.events) == [1.0, 4.0, 4.0]
     again = run(site, "sync", "--now", "2026-03-02T12:05:00Z", "--output", "json")
-    assert json.loads(again.output)["posted"] == 0 and len(api.events) == 3
+    assert json.loads(again.stdout)["posted"] == 0 and len(api.events) == 3
     dry = run(site, "sync", "--dry-run", "--now", "2026-03-02T12:10:00Z", "--output", "json")
-    assert json.loads(dry.output)["events"] == []
+    assert json.loads(dry.stdout)["events"] == []
     status = run(site, "status", "--output", "json", "--now", "2026-03-02T12:10:00Z")
-    info = json.loads(status.output)
+    info = json.loads(status.stdout)
     assert info["outbox"]["acked"] == 3 and info["lastSync"]["outcome"] == "ok"
     assert info["highWaterMark"] == "2026-03-02T12:03:00Z"
     assert "secret-value" not in first.output + again.output + status.output
@@ -346,7 +354,7 @@ def test_backfill_dry_run_counts_a_run_seen_by_several_chunks_once(site: Path) -
         "json",
     )
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     assert len(doc["events"]) == 3
     assert {(t["sku"], t["quantity"]) for t in doc["totals"]} == {
         ("SLURM_CPU_HOUR", 4.0),
@@ -370,7 +378,7 @@ def test_backfill_posts_once_and_leaves_the_high_water_mark(site: Path, api: Api
         "json",
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["posted"] == 3 and len(api.events) == 3
+    assert json.loads(result.stdout)["posted"] == 3 and len(api.events) == 3
     with State.open(site / "state.db", readonly=True) as store:
         assert store.high_water_at() is None
     again = run(site, "backfill", "--start", "2026-03-01", "--end", "2026-03-02")
@@ -425,3 +433,56 @@ def test_python_dash_m_runs_the_cli() -> None:
         check=True,
     )
     assert done.stdout.startswith("slurm-tracker, version ")
+
+
+def test_an_unreachable_api_does_not_hold_the_sync(site: Path, api: Api) -> None:
+    many = [{**ROWS[0], "JobID": str(1000 + i)} for i in range(40)]
+    (site / "capture.txt").write_bytes(live_capture(many))
+    api.mode = "down"
+    result = run(site, "sync", "--now", "2026-03-02T12:00:00Z", "--output", "json")
+    assert result.exit_code == 75
+    assert json.loads(result.stdout)["pending"] == 40
+    assert api.posts < 15  # three events fail in a row: the rest waits for the next run
+
+
+def test_dry_run_after_a_real_sync_shows_only_what_is_new(site: Path, api: Api) -> None:
+    running = {**ROWS[0], "End": "Unknown", "ElapsedRaw": "1200", "State": "RUNNING"}
+    (site / "capture.txt").write_bytes(live_capture([running]))
+    assert run(site, "sync", "--now", "2026-03-02T12:00:00Z").exit_code == 0
+    assert [e["metadata"]["elapsedTo"] for e in api.events] == [1200]
+    (site / "capture.txt").write_bytes(live_capture([ROWS[0]]))  # it ended at 3600 s
+    dry = run(
+        site,
+        "sync",
+        "--dry-run",
+        "--sacct-file",
+        "-",
+        "--output",
+        "json",
+        input=live_capture([ROWS[0]]),
+    )
+    events = json.loads(dry.stdout)["events"]
+    assert [(e["metadata"]["elapsedFrom"], e["metadata"]["elapsedTo"]) for e in events] == [
+        (1200, 3600)
+    ]
+    assert events[0]["quantity"] == round(4 * 2400 / 3600, 6)
+    assert len(api.events) == 1
+    assert run(site, "sync", "--now", "2026-03-02T12:05:00Z").exit_code == 0
+    assert [e["metadata"]["elapsedFrom"] for e in api.events] == [0, 1200]
+
+
+def test_corrupt_state_file_is_exit_3_with_a_hint(site: Path) -> None:
+    (site / "state.db").write_bytes(b"not a database" * 200)
+    result = run(site, "sync", "--dry-run")
+    assert result.exit_code == 3
+    assert "restore the latest backup" in result.output
+
+
+def test_one_event_the_api_keeps_failing_on_blocks_no_other(site: Path, api: Api) -> None:
+    rows = [{**ROWS[0], "JobID": str(1000 + i)} for i in range(6)]
+    (site / "capture.txt").write_bytes(live_capture(rows))
+    api.mode = "poison"
+    result = run(site, "sync", "--now", "2026-03-02T12:00:00Z", "--output", "json")
+    assert result.exit_code == 4
+    summary = json.loads(result.stdout)
+    assert (summary["posted"], summary["pending"]) == (5, 1)
