@@ -247,7 +247,8 @@ class State:
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for sql in _MIGRATIONS[step]:
                     cur.execute(sql)
-                log.info("state file %s migrated to schema version %d", self.path, step)
+                if not self.readonly:
+                    log.info("state file %s migrated to schema version %d", self.path, step)
             cur.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
