@@ -1,0 +1,87 @@
+"""Throughput and memory of the read side: parse + plan of a large sacct capture.
+
+Prints figures; asserts nothing (these machines are shared and noisy). Run:
+
+    python benchmarks/bench_pipeline.py [RECORDS]
+
+It builds a capture in the agent's live format (a month of a busy cluster: RECORDS job runs,
+a tenth of them still running), then times parse_sacct and plan_usage, and measures the peak
+Python memory of both with tracemalloc.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import tracemalloc
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from slurm_tracker import pipeline
+from slurm_tracker.config import Config, load_config
+from slurm_tracker.parse import parse_sacct
+from slurm_tracker.rating import Catalog
+from tests.factories import live_capture
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = int(datetime(2026, 3, 1, tzinfo=timezone.utc).timestamp())
+
+
+def capture(n: int) -> bytes:
+    rng = random.Random(42)
+    rows = []
+    for i in range(n):
+        start = T0 + rng.randrange(0, 30 * 86400)
+        elapsed = rng.randrange(1, 2 * 86400)
+        running = rng.random() < 0.1
+        gpu = rng.choice([0, 0, 0, 1, 4])
+        rows.append(
+            {
+                "JobID": str(100000 + i),
+                "Account": rng.choice(["physics", "chemistry", "unmapped-lab"]),
+                "Partition": "gpu" if gpu else "compute",
+                "Submit": str(start - 60),
+                "Start": str(start),
+                "End": "Unknown" if running else str(start + elapsed),
+                "ElapsedRaw": str(elapsed),
+                "State": "RUNNING" if running else "COMPLETED",
+                "AllocTRES": "billing=8,cpu=8,mem=32G,node=1" + (f",gres/gpu={gpu}" if gpu else ""),
+            }
+        )
+    return live_capture(rows)
+
+
+def run(data: bytes, config: Config, catalog: Optional[Catalog]) -> tuple[float, float, int]:
+    t0 = time.perf_counter()
+    parsed = parse_sacct(data, cluster="box")
+    t1 = time.perf_counter()
+    plan = pipeline.plan_usage(parsed, {}, config, catalog)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, len(plan.events)
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    data = capture(n)
+    config = load_config(REPO / "config.example.yaml")
+    catalog = pipeline.load_catalog(config)
+    parse_s, plan_s, events = run(data, config, catalog)
+    tracemalloc.start()  # a second pass for memory: tracemalloc slows Python down a lot
+    run(data, config, catalog)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"records          {n:>12,}")
+    print(f"input size       {len(data) / 1e6:>12.1f} MB")
+    print(f"parse            {parse_s:>12.2f} s  {n / parse_s:>10,.0f} records/s")
+    print(f"plan             {plan_s:>12.2f} s  {n / plan_s:>10,.0f} records/s  (map+segment+rate)")
+    print(f"events planned   {events:>12,}")
+    print(f"peak memory      {peak / 2**20:>12.1f} MiB {peak / n:>10,.0f} bytes/record")
+    print(f"memory / input   {peak / len(data):>12.1f} x")
+
+
+if __name__ == "__main__":
+    main()
