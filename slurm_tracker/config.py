@@ -12,12 +12,12 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Optional, Union, cast
+from typing import Optional, TypeVar, Union, cast
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -311,6 +311,7 @@ _STR = "tag:yaml.org,2002:str"
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _MERGE = "tag:yaml.org,2002:merge"
 _TEXT_TAGS = (_STR, _INT, _FLOAT, _TIMESTAMP)  # plain scalars read as the text written
+_T = TypeVar("_T")
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _GLOB_CHARS = frozenset("*?[")
@@ -836,39 +837,53 @@ class _Reader:
         return value
 
     def accounts(self, entry: Optional[_Entry]) -> AccountMapping:
-        path: Where = ("accounts",)
-        fields = self.fields(entry.value if entry else None, path, CONFIG_KEYS["accounts"]) or {}
-        exact: dict[str, str] = {}
-        patterns: dict[str, str] = {}  # insertion order = file order
+        exact, patterns, default, ignore = self.name_map(
+            entry, "account", "allocation name", "allocations", self.allocation
+        )
+        return AccountMapping(exact=exact, patterns=patterns, default=default, ignore=ignore)
+
+    def name_map(
+        self,
+        entry: Optional[_Entry],
+        what: str,
+        target: str,
+        targets: str,
+        parse_value: Callable[[Node, Where], Optional[_T]],
+    ) -> tuple[dict[str, _T], tuple[tuple[str, _T], ...], Optional[_T], tuple[str, ...]]:
+        """The `accounts` or `partitions` section: map (exact names and glob patterns, in file
+        order), default and ignore list."""
+        section = f"{what}s"
+        path: Where = (section,)
+        fields = self.fields(entry.value if entry else None, path, CONFIG_KEYS[section]) or {}
+        exact: dict[str, _T] = {}
+        patterns: dict[str, _T] = {}  # insertion order = file order
         key_lines: dict[str, int] = {}
         entries = 0
         if "map" in fields:
             map_path: Where = (*path, "map")
-            pairs = self.pairs(fields["map"].value, map_path, "Slurm account -> allocation name")
+            pairs = self.pairs(fields["map"].value, map_path, f"Slurm {what} -> {target}")
             for key_node, value_node in pairs or []:
                 entries += 1
-                account = self.name(key_node, map_path, "a Slurm account name")
-                if account is None:
+                name = self.name(key_node, map_path, f"a Slurm {what} name")
+                if name is None:
                     continue
-                allocation = self.allocation(value_node, (*map_path, account))
-                key_lines[account] = _line(key_node)
-                if allocation is not None:
-                    (patterns if _is_glob(account) else exact)[account] = allocation
-        default: Optional[str] = None
+                value = parse_value(value_node, (*map_path, name))
+                key_lines[name] = _line(key_node)
+                if value is not None:
+                    (patterns if _is_glob(name) else exact)[name] = value
+        default: Optional[_T] = None
         has_default = "default" in fields and not _is_null(fields["default"].value)
         if has_default:
-            default = self.allocation(fields["default"].value, (*path, "default"))
-        ignore = self.ignore_list(fields.get("ignore"), (*path, "ignore"), key_lines, "account")
+            default = parse_value(fields["default"].value, (*path, "default"))
+        ignore = self.ignore_list(fields.get("ignore"), (*path, "ignore"), key_lines, what)
         if entries == 0 and not has_default:
             self.add(
                 path,
                 entry.value if entry else None,
-                "no account is mapped and there is no accounts.default: nothing would "
-                "ever be billed; map Slurm accounts to allocations under accounts.map",
+                f"no {what} is mapped and there is no {section}.default: nothing would "
+                f"ever be billed; map Slurm {what}s to {targets} under {section}.map",
             )
-        return AccountMapping(
-            exact=exact, patterns=tuple(patterns.items()), default=default, ignore=ignore
-        )
+        return exact, tuple(patterns.items()), default, ignore
 
     def allocation(self, node: Node, path: Where) -> Optional[str]:
         value = self.name(node, path, "an allocation name")
@@ -937,39 +952,11 @@ class _Reader:
         return tuple(out)
 
     def partitions(self, entry: Optional[_Entry]) -> PartitionMapping:
-        path: Where = ("partitions",)
-        fields = self.fields(entry.value if entry else None, path, CONFIG_KEYS["partitions"])
-        fields = fields or {}
-        exact: dict[str, tuple[SkuCharge, ...]] = {}
-        patterns: dict[str, tuple[SkuCharge, ...]] = {}
-        key_lines: dict[str, int] = {}
-        entries = 0
-        if "map" in fields:
-            map_path: Where = (*path, "map")
-            pairs = self.pairs(fields["map"].value, map_path, "Slurm partition -> SKU(s)")
-            for key_node, value_node in pairs or []:
-                entries += 1
-                partition = self.name(key_node, map_path, "a Slurm partition name")
-                if partition is None:
-                    continue
-                charges = self.charges(value_node, (*map_path, partition))
-                key_lines[partition] = _line(key_node)
-                if charges is not None:
-                    (patterns if _is_glob(partition) else exact)[partition] = charges
-        default: tuple[SkuCharge, ...] = ()
-        has_default = "default" in fields and not _is_null(fields["default"].value)
-        if has_default:
-            default = self.charges(fields["default"].value, (*path, "default")) or ()
-        ignore = self.ignore_list(fields.get("ignore"), (*path, "ignore"), key_lines, "partition")
-        if entries == 0 and not has_default:
-            self.add(
-                path,
-                entry.value if entry else None,
-                "no partition is mapped and there is no partitions.default: nothing would "
-                "ever be billed; map Slurm partitions to SKUs under partitions.map",
-            )
+        exact, patterns, default, ignore = self.name_map(
+            entry, "partition", "SKU(s)", "SKUs", self.charges
+        )
         return PartitionMapping(
-            exact=exact, patterns=tuple(patterns.items()), default=default, ignore=ignore
+            exact=exact, patterns=patterns, default=default or (), ignore=ignore
         )
 
     def charges(self, node: Node, path: Where) -> Optional[tuple[SkuCharge, ...]]:
