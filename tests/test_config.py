@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
@@ -959,12 +958,17 @@ def test_an_unreadable_file_says_so(tmp_path: Path) -> None:
     assert "--config" in problem and "$SLURM_TRACKER_CONFIG" in problem
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_a_file_without_read_permission_says_so(tmp_path: Path) -> None:
+def test_a_file_without_read_permission_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(MINIMAL, encoding="utf-8")
-    path.chmod(0)
-    with pytest.raises(ConfigError, match="cannot read"):
+
+    def refuse(self: Path) -> bytes:  # root reads files whatever their mode: simulate it
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ConfigError, match="cannot read .*Permission denied"):
         load_config(path)
 
 
