@@ -968,7 +968,7 @@ def test_a_file_without_read_permission_says_so(
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_bytes", refuse)
-    with pytest.raises(ConfigError, match="cannot read .*Permission denied"):
+    with pytest.raises(ConfigError, match=r"cannot read .*Permission denied"):
         load_config(path)
 
 
