@@ -116,9 +116,12 @@ def plan_usage(
     config: Config,
     catalog: Optional[rating.Catalog] = None,
 ) -> Plan:
-    """Plan the events for everything in ``parsed`` not yet in ``reported`` (elapsed seconds)."""
+    """Plan the events for everything in ``parsed`` not yet in ``reported`` (elapsed seconds).
+
+    The last ``sacct.lag`` seconds of running runs are held back (see SegmentPolicy).
+    """
     records, skipped = latest_records(parsed.records)
-    policy = SegmentPolicy(config.reporting_interval_s)
+    policy = SegmentPolicy(config.reporting_interval_s, config.sacct.lag_s)
     events: list[PlannedEvent] = []
     problems: list[str] = []
     for record in records:
@@ -531,7 +534,8 @@ def backfill(
         parsed = parse_input(
             config, Input(read_live(config, window, environ), "sacct", window), None
         )
-        plan = plan_usage(parsed, store.reported(r.run for r in parsed.records), config, catalog)
+        reported = store.reported(r.run for r in parsed.records)
+        plan = plan_usage(parsed, reported, config, catalog)
         new += commit(store, plan, utc_now(), None)
         plans.append(plan)
     whole = Window(windows[0].start_at, windows[-1].end_at) if windows else None

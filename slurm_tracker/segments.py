@@ -21,9 +21,20 @@ from slurm_tracker.models import JobRecord, Skipped, UsageSegment
 
 @dataclass(frozen=True)
 class SegmentPolicy:
-    """How eagerly running runs are billed."""
+    """How far and how eagerly running runs are billed."""
 
     reporting_interval_s: int = 900  # a running run is billed once this much new usage exists
+    # The last seconds of a running run's ElapsedRaw are held back (sacct.lag). While slurmdbd
+    # catches up after an outage, sacct shows jobs that have ended as still running, their
+    # ElapsedRaw growing with the clock. ElapsedRaw grows at most one second per second, so
+    # what it was ``holdback_s`` ago was certainly consumed, suspended jobs included.
+    holdback_s: int = 0
+
+    def billable_s(self, record: JobRecord) -> int:
+        """The elapsed seconds of ``record`` that may be billed now."""
+        if record.final:
+            return record.elapsed_s
+        return max(0, record.elapsed_s - self.holdback_s)
 
 
 def month_starts(start_at: datetime, end_at: datetime) -> list[datetime]:
@@ -66,7 +77,8 @@ def new_usage(
         return Skipped(record.job_id, "not started (pending): no usage yet", record.run)
     if record.elapsed_s <= 0:
         return Skipped(record.job_id, "zero elapsed time: no usage", record.run)
-    if reported_s >= record.elapsed_s:
+    billable_s = policy.billable_s(record)
+    if reported_s >= billable_s:
         if reported_s > record.elapsed_s:
             # ElapsedRaw never shrinks for a run; if it did, we never take usage back.
             return Skipped(
@@ -76,7 +88,7 @@ def new_usage(
                 record.run,
             )
         return Skipped(record.job_id, "no new usage since the last sync", record.run)
-    fresh_s = record.elapsed_s - reported_s
+    fresh_s = billable_s - reported_s
     if not record.final and fresh_s < policy.reporting_interval_s:
         return Skipped(
             record.job_id,
@@ -84,7 +96,7 @@ def new_usage(
             "have accumulated",
             record.run,
         )
-    return split(record, reported_s, record.elapsed_s, extra_cuts)
+    return split(record, reported_s, billable_s, extra_cuts)
 
 
 def split(

@@ -90,8 +90,11 @@ def test_capture_facts() -> None:
 def test_dry_run_bills_the_capture_as_hand_computed(
     interval: int, expected: dict[tuple[str, str], int]
 ) -> None:
+    example = load_config(REPO / "config.example.yaml")
     config = dataclasses.replace(
-        load_config(REPO / "config.example.yaml"), reporting_interval_s=interval
+        example,
+        reporting_interval_s=interval,
+        sacct=dataclasses.replace(example.sacct, lag_s=0),
     )
     parsed = parse_sacct((DATA / "sacct-box-22.05.txt").read_bytes(), cluster="box")
     plan = pipeline.plan_usage(parsed, {}, config, pipeline.load_catalog(config))

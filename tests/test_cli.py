@@ -449,7 +449,8 @@ def test_dry_run_after_a_real_sync_shows_only_what_is_new(site: Path, api: Api) 
     running = {**ROWS[0], "End": "Unknown", "ElapsedRaw": "1200", "State": "RUNNING"}
     (site / "capture.txt").write_bytes(live_capture([running]))
     assert run(site, "sync", "--now", "2026-03-02T12:00:00Z").exit_code == 0
-    assert [e["metadata"]["elapsedTo"] for e in api.events] == [1200]
+    # the last sacct.lag (2 min) of a running job is held back
+    assert [e["metadata"]["elapsedTo"] for e in api.events] == [1080]
     (site / "capture.txt").write_bytes(live_capture([ROWS[0]]))  # it ended at 3600 s
     dry = run(
         site,
@@ -463,12 +464,12 @@ def test_dry_run_after_a_real_sync_shows_only_what_is_new(site: Path, api: Api) 
     )
     events = json.loads(dry.stdout)["events"]
     assert [(e["metadata"]["elapsedFrom"], e["metadata"]["elapsedTo"]) for e in events] == [
-        (1200, 3600)
+        (1080, 3600)
     ]
-    assert events[0]["quantity"] == round(4 * 2400 / 3600, 6)
+    assert events[0]["quantity"] == round(4 * 2520 / 3600, 6)
     assert len(api.events) == 1
     assert run(site, "sync", "--now", "2026-03-02T12:05:00Z").exit_code == 0
-    assert [e["metadata"]["elapsedFrom"] for e in api.events] == [0, 1200]
+    assert [e["metadata"]["elapsedFrom"] for e in api.events] == [0, 1080]
 
 
 def test_corrupt_state_file_is_exit_3_with_a_hint(site: Path) -> None:

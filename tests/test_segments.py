@@ -145,3 +145,17 @@ def test_replaying_any_prefix_then_the_rest_gives_one_pass_total(
     assert sum(s.seconds for s in billed) == sum(s.seconds for s in one_pass) == observed[-1]
     spans = [(s.from_s, s.to_s) for s in billed]
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_the_last_seconds_of_running_runs_are_held_back() -> None:
+    """While slurmdbd catches up, sacct shows ended jobs as running with an ElapsedRaw that
+    grows with the clock: only what was consumed a lag ago is billed."""
+    policy = SegmentPolicy(0, holdback_s=60)
+    running = record(elapsed_s=100, final=False)
+    segs = new_usage(running, 0, policy)
+    assert isinstance(segs, list) and segs[-1].to_s == 40
+    assert isinstance(new_usage(record(elapsed_s=100, final=False), 40, policy), Skipped)
+    assert isinstance(new_usage(record(elapsed_s=50, final=False), 0, policy), Skipped)
+    # a final run is billed in full: its ElapsedRaw is settled
+    done = new_usage(record(elapsed_s=100, final=True), 40, policy)
+    assert isinstance(done, list) and (done[0].from_s, done[-1].to_s) == (40, 100)

@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -42,7 +42,7 @@ BASE = "https://api.test"
 T0 = datetime(2026, 1, 31, 20, 0, tzinfo=timezone.utc)  # a month boundary comes soon
 CONFIG = """
 cluster: box
-reporting_interval: 10m
+reporting_interval: 1m
 api: {organization: org}
 accounts: {map: {physics: physics-2026, chemistry: chemistry-2026}}
 partitions:
@@ -80,6 +80,8 @@ class Run:
     gpu: int
     elapsed_s: int = 0
     final: bool = False
+    ended_s: int = 0  # when the run ended (model clock)
+    end_known_s: int = 0  # when slurmdbd learns of the end: until then sacct shows it running
 
     @property
     def key(self) -> str:
@@ -89,6 +91,14 @@ class Run:
         """This run as sacct shows it at ``now_s`` (seconds after T0)."""
         epoch = int(T0.timestamp())
         started = self.start_s is not None and self.start_s <= now_s
+        if self.final and now_s < self.end_known_s:
+            # slurmdbd is behind: the run looks alive, its ElapsedRaw growing with the clock
+            behind = {
+                "End": "Unknown",
+                "State": "RUNNING",
+                "ElapsedRaw": str(self.elapsed_s + now_s - self.ended_s),
+            }
+            return {**Run.row(replace(self, final=False), now_s), **behind}
         tres = f"billing={self.cpu},cpu={self.cpu},mem=1G,node=1" + (
             f",gres/gpu={self.gpu}" if self.gpu else ""
         )
@@ -251,7 +261,10 @@ class SyncMachine(RuleBasedStateMachine):
     def start_job(self, account: str, partition: str, cpu: int, gpu: int, delay: int) -> None:
         self.submit(account, partition, cpu, 0 if partition == "compute" else gpu, delay)
 
-    @rule(seconds=st.sampled_from([30, 599, 601, 3600, 86400, 20 * 86400]), suspended=st.booleans())
+    @rule(
+        seconds=st.sampled_from([30, 45, 599, 601, 3600, 86400, 20 * 86400]),
+        suspended=st.booleans(),
+    )
     def time_passes(self, seconds: int, suspended: bool) -> None:
         self.now_s += seconds
         for run in self.runs:
@@ -273,6 +286,9 @@ class SyncMachine(RuleBasedStateMachine):
     def job_ends(self, data: st.DataObject) -> None:
         run = data.draw(st.sampled_from(self._running()))
         run.final = True
+        run.ended_s = self.now_s
+        # slurmdbd may learn of the end late, but less than sacct.lag (2 min) late
+        run.end_known_s = self.now_s + data.draw(st.sampled_from([0, 0, 40, 110]))
 
     @rule(data=st.data())
     @precondition(lambda self: bool(self._running()))
@@ -350,7 +366,10 @@ class SyncMachine(RuleBasedStateMachine):
         for run in self.runs:
             if run.start_s is not None:
                 run.elapsed_s = max(run.elapsed_s, 1)
-            run.final = True
+            if not run.final:
+                run.final, run.ended_s, run.end_known_s = True, self.now_s, self.now_s
+        # slurmdbd has caught up with every end
+        self.now_s = max([self.now_s] + [r.end_known_s for r in self.runs])
         self.api.faults = []
         store = State.open(self.dir / "state.db")
         store.retry(None, T0)
@@ -376,3 +395,26 @@ SyncMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TestSyncMachine = SyncMachine.TestCase
+
+
+def test_a_job_slurmdbd_has_not_seen_end_is_not_overbilled() -> None:
+    """The sequence the box showed (tests/e2e): a job ends, slurmdbd learns of it 110 s later,
+    and a sync in between sees it running with an ElapsedRaw 45 s past its true end."""
+    machine = SyncMachine()
+    try:
+        machine.first_job()
+        machine.time_passes(599, suspended=False)
+        machine.sync_cleanly()
+        machine.time_passes(601, suspended=False)
+        run = machine.runs[0]
+        run.final, run.ended_s, run.end_known_s = True, machine.now_s, machine.now_s + 110
+        machine.time_passes(45, suspended=False)
+        machine.sync_cleanly()
+        machine.never_billed_more_than_measured()
+        machine.time_passes(601, suspended=False)
+        machine.sync_cleanly()
+        assert machine.api.billed()[(run.key, "cpu")] == run.truth("cpu").quantize(
+            Decimal("0.000001")
+        )
+    finally:
+        machine.teardown()
