@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -352,3 +353,54 @@ def truth(job_ids: Iterable[str]) -> dict[RunId, TruthRun]:
             final=row["End"] not in ("Unknown", "None", ""),
         )
     return result
+
+
+# -- stopping and starting daemons (added for the end-to-end scenarios) ----------------------
+
+BOX_START = Path(__file__).resolve().parent / "box" / "start.sh"
+
+
+def daemon_pid(name: str) -> Optional[int]:
+    """The pid start.sh recorded for daemon ``name`` when that process is alive and is it."""
+    if not _pid_alive(name, BOX_DAEMONS[name]):
+        return None
+    return int((BOX_RUN / f"{name}.pid").read_text().strip())
+
+
+def stop_daemon(name: str, timeout: float = 60) -> None:
+    """SIGTERM one of the box's daemons by its recorded pid and wait until it is gone."""
+    pid = daemon_pid(name)
+    if pid is None:
+        raise BoxError(f"{name} is not running (no live pid in {BOX_RUN}/{name}.pid)")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and _comm_state(pid) not in ("", "Z"):
+        if time.monotonic() > deadline:
+            raise BoxError(f"{name} (pid {pid}) still alive {timeout}s after SIGTERM")
+        time.sleep(0.1)
+
+
+def _comm_state(pid: int) -> str:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line.split()[1]
+    except OSError:
+        return ""
+    return ""
+
+
+def start_box() -> None:
+    """Run tests/e2e/box/start.sh (idempotent: it starts only the daemons that are down)."""
+    try:
+        done = subprocess.run(
+            ["bash", str(BOX_START)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BoxError(f"{BOX_START}: could not run: {exc}") from exc
+    if done.returncode != 0:
+        raise BoxError(f"{BOX_START}: exit {done.returncode}: {done.stderr[-2000:]}")
