@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SLURM_TRACKER_SHARED", REPO.parent / "shared"))
@@ -37,3 +38,16 @@ def public_fixtures() -> Path:
 def openapi_contract() -> Path:
     """The Allocations API contract (OpenAPI 3.1)."""
     return need_shared("reference/allocations-openapi.json")
+
+
+def cli_runner() -> CliRunner:
+    """A CliRunner that keeps stderr apart from stdout on every supported Click."""
+    try:
+        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]  # Click 8.1 (Python 3.9)
+    except TypeError:
+        return CliRunner()  # Click 8.2 and later always keep them apart
+
+
+def shown(result: Result) -> str:
+    """All a command printed: its results (stdout), then its messages (stderr)."""
+    return result.stdout + result.stderr

@@ -15,10 +15,11 @@ import pytest
 import requests
 import responses
 import urllib3
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from slurm_tracker.cli import main
 from slurm_tracker.state import State, StateLock
+from tests.conftest import cli_runner, shown
 from tests.factories import live_capture
 
 T = int(datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc).timestamp())
@@ -151,15 +152,15 @@ def run(
     site: Path, *args: str, env: dict[str, str] | None = None, input: bytes | None = None
 ) -> Result:
     environ = {"PW_API_KEY": "pwt_dGVzdA.secret-value", **(env or {})}
-    return CliRunner().invoke(
+    return cli_runner().invoke(
         main, [*args, "--config", str(site / "config.yaml")], env=environ, input=input
     )
 
 
 def test_dry_run_table_from_a_saved_file(site: Path) -> None:
     result = run(site, "sync", "--dry-run", "--sacct-file", str(site / "capture.txt"))
-    assert result.exit_code == 0, result.output
-    out = result.output
+    assert result.exit_code == 0, shown(result)
+    out = shown(result)
     assert "Dry run" in out and "4 job records: 3 events planned, 2 skipped, 0 rejected" in out
     assert re.search(r"physics-2026\s+SLURM_CPU_HOUR\s+core-hours\s+1\s+4\.000000\s+4\.000000", out)
     assert re.search(
@@ -174,7 +175,7 @@ def test_dry_run_json_document(site: Path) -> None:
     result = run(
         site, "sync", "--dry-run", "--sacct-file", str(site / "capture.txt"), "--output", "json"
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, shown(result)
     doc = json.loads(result.stdout)
     jsonschema.validate(doc, DRY_RUN_SCHEMA)
     by_sku = {(e["allocation"], e["sku"]): e for e in doc["events"]}
@@ -189,8 +190,8 @@ def test_dry_run_json_document(site: Path) -> None:
 
 def test_live_dry_run_uses_sacct_and_writes_nothing(site: Path) -> None:
     result = run(site, "sync", "--dry-run", "--now", "2026-03-02T12:00:00Z")
-    assert result.exit_code == 0, result.output
-    assert "window 2026-03-01T11:58:00Z .. 2026-03-02T11:58:00Z" in result.output
+    assert result.exit_code == 0, shown(result)
+    assert "window 2026-03-01T11:58:00Z .. 2026-03-02T11:58:00Z" in shown(result)
     assert not (site / "state.db").exists() and not (site / "state.db.lock").exists()
 
 
@@ -205,16 +206,16 @@ def test_live_dry_run_uses_sacct_and_writes_nothing(site: Path) -> None:
 def test_usage_errors(site: Path, args: list[str], code: int, message: str) -> None:
     result = run(site, *args)
     assert result.exit_code == code
-    assert message in result.output
+    assert message in shown(result)
 
 
 def test_bad_config_lists_every_problem(site: Path) -> None:
     (site / "config.yaml").write_text("cluster: box\nreportng_interval: 5m\nsacct: {lag: soon}\n")
     result = run(site, "check")
     assert result.exit_code == 3
-    assert "reportng_interval" in result.output and "reporting_interval" in result.output
-    assert "sacct.lag" in result.output
-    assert "nothing would ever be billed" in result.output or "accounts" in result.output
+    assert "reportng_interval" in shown(result) and "reporting_interval" in shown(result)
+    assert "sacct.lag" in shown(result)
+    assert "nothing would ever be billed" in shown(result) or "accounts" in shown(result)
 
 
 def test_failing_sacct_is_temporary_and_changes_nothing(site: Path) -> None:
@@ -222,7 +223,7 @@ def test_failing_sacct_is_temporary_and_changes_nothing(site: Path) -> None:
     broken.write_text("#!/bin/sh\necho 'sacct: error: slurmdbd: connection refused' >&2\nexit 1\n")
     result = run(site, "sync")
     assert result.exit_code == 75
-    assert "slurmdbd: connection refused" in result.output
+    assert "slurmdbd: connection refused" in shown(result)
     with State.open(site / "state.db", readonly=True) as store:
         assert store.high_water_at() is None and store.to_send() == []
 
@@ -232,7 +233,7 @@ def test_lock_held_exits_75(site: Path) -> None:
         lock.acquire(datetime.now(timezone.utc))
         result = run(site, "sync")
     assert result.exit_code == 75
-    assert "in use by another slurm-tracker" in result.output
+    assert "in use by another slurm-tracker" in shown(result)
 
 
 class Api:
@@ -282,7 +283,7 @@ def api() -> Any:
 
 def test_sync_posts_once_then_converges(site: Path, api: Api) -> None:
     first = run(site, "sync", "--now", "2026-03-02T12:00:00Z", "--output", "json")
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 0, shown(first)
     summary = json.loads(first.stdout)
     assert summary["posted"] == 3 and summary["pending"] == 0 and summary["outcome"] == "ok"
     assert sorted(e["quantity"] for e in api.events) == [1.0, 4.0, 4.0]
@@ -294,18 +295,18 @@ def test_sync_posts_once_then_converges(site: Path, api: Api) -> None:
     info = json.loads(status.stdout)
     assert info["outbox"]["acked"] == 3 and info["lastSync"]["outcome"] == "ok"
     assert info["highWaterMark"] == "2026-03-02T12:03:00Z"
-    assert "secret-value" not in first.output + again.output + status.output
+    assert "secret-value" not in shown(first) + shown(again) + shown(status)
 
 
 def test_api_down_keeps_everything_pending_then_delivers(site: Path, api: Api) -> None:
     api.mode = "down"
     down = run(site, "sync", "--now", "2026-03-02T12:00:00Z")
-    assert down.exit_code == 75, down.output
+    assert down.exit_code == 75, shown(down)
     with State.open(site / "state.db", readonly=True) as store:
         assert len(store.to_send()) == 3
     api.mode = "ok"
     up = run(site, "sync", "--now", "2026-03-02T12:05:00Z")
-    assert up.exit_code == 0, up.output
+    assert up.exit_code == 0, shown(up)
     assert len(api.events) == 3
 
 
@@ -315,28 +316,28 @@ def test_rejected_event_is_dead_lettered_listed_and_retried(site: Path, api: Api
     assert result.exit_code == 4
     assert len(api.events) == 2
     listing = run(site, "outbox", "list", "--status", "dead")
-    assert "SLURM_GPU_HOUR" in listing.output and "SKU archived" in listing.output
+    assert "SLURM_GPU_HOUR" in shown(listing) and "SKU archived" in shown(listing)
     assert run(site, "outbox", "retry").exit_code == 2  # names or --all required
-    assert "1 event back to pending" in run(site, "outbox", "retry", "--all").output
+    assert "1 event back to pending" in shown(run(site, "outbox", "retry", "--all"))
     api.mode = "ok"
     assert run(site, "sync", "--now", "2026-03-02T12:05:00Z").exit_code == 0
     assert len(api.events) == 3
 
 
 def test_missing_api_key_is_a_config_error(site: Path) -> None:
-    result = CliRunner().invoke(
+    result = cli_runner().invoke(
         main, ["sync", "--config", str(site / "config.yaml")], env={"PW_API_KEY": ""}
     )
     assert result.exit_code == 3
-    assert "PW_API_KEY" in result.output
+    assert "PW_API_KEY" in shown(result)
 
 
 def test_check_and_catalog_show(site: Path) -> None:
     check = run(site, "check")
-    assert check.exit_code == 0 and "valid" in check.output
+    assert check.exit_code == 0 and "valid" in shown(check)
     show = run(site, "catalog", "show", "--at", "2026-03-01T00:00:00Z")
     assert show.exit_code == 0
-    assert re.search(r"SLURM_GPU_HOUR\s+usd\s+2\.5\s+0\.04", show.output)
+    assert re.search(r"SLURM_GPU_HOUR\s+usd\s+2\.5\s+0\.04", shown(show))
 
 
 def test_backfill_dry_run_counts_a_run_seen_by_several_chunks_once(site: Path) -> None:
@@ -353,7 +354,7 @@ def test_backfill_dry_run_counts_a_run_seen_by_several_chunks_once(site: Path) -
         "--output",
         "json",
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, shown(result)
     doc = json.loads(result.stdout)
     assert len(doc["events"]) == 3
     assert {(t["sku"], t["quantity"]) for t in doc["totals"]} == {
@@ -377,7 +378,7 @@ def test_backfill_posts_once_and_leaves_the_high_water_mark(site: Path, api: Api
         "--output",
         "json",
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, shown(result)
     assert json.loads(result.stdout)["posted"] == 3 and len(api.events) == 3
     with State.open(site / "state.db", readonly=True) as store:
         assert store.high_water_at() is None
@@ -394,7 +395,7 @@ def test_backfill_posts_once_and_leaves_the_high_water_mark(site: Path, api: Api
 )
 def test_backfill_usage_errors(site: Path, args: list[str], message: str) -> None:
     result = run(site, "backfill", *args, "--dry-run")
-    assert result.exit_code == 2 and message in result.output
+    assert result.exit_code == 2 and message in shown(result)
 
 
 def test_check_online_reports_missing_allocations_and_skus(site: Path) -> None:
@@ -409,10 +410,10 @@ def test_check_online_reports_missing_allocations_and_skus(site: Path) -> None:
         mock.get(f"{org}/units", json=[{"id": "u1", "name": "core-hours"}])
         mock.get(f"{org}/units/core-hours/skus", json=[{"id": "s1", "code": "SLURM_CPU_HOUR"}])
         result = run(site, "check", "--online")
-    assert result.exit_code == 3, result.output
-    assert "allocation 'chemistry-2026'" in result.output and "not found" in result.output
-    assert "SKU 'SLURM_GPU_HOUR' is not among" in result.output
-    assert "physics-2026" not in result.output.split("problem", 1)[1].split("\n")[0]
+    assert result.exit_code == 3, shown(result)
+    assert "allocation 'chemistry-2026'" in shown(result) and "not found" in shown(result)
+    assert "SKU 'SLURM_GPU_HOUR' is not among" in shown(result)
+    assert "physics-2026" not in shown(result).split("problem", 1)[1].split("\n")[0]
 
 
 def test_check_warns_about_mapped_skus_missing_from_the_catalog(site: Path) -> None:
@@ -420,8 +421,8 @@ def test_check_warns_about_mapped_skus_missing_from_the_catalog(site: Path) -> N
     (site / "config.yaml").write_text(text)
     result = run(site, "check")
     assert result.exit_code == 0
-    assert (
-        "SKU SLURM_GPU_HOUR is mapped in partitions but missing from the catalog" in result.output
+    assert "SKU SLURM_GPU_HOUR is mapped in partitions but missing from the catalog" in shown(
+        result
     )
 
 
@@ -476,7 +477,7 @@ def test_corrupt_state_file_is_exit_3_with_a_hint(site: Path) -> None:
     (site / "state.db").write_bytes(b"not a database" * 200)
     result = run(site, "sync", "--dry-run")
     assert result.exit_code == 3
-    assert "restore the latest backup" in result.output
+    assert "restore the latest backup" in shown(result)
 
 
 def test_one_event_the_api_keeps_failing_on_blocks_no_other(site: Path, api: Api) -> None:

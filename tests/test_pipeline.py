@@ -6,7 +6,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +13,7 @@ from slurm_tracker import pipeline, rating
 from slurm_tracker.cli import main
 from slurm_tracker.config import SacctConfig, config_from_text
 from slurm_tracker.models import ParseResult, Rejected
+from tests.conftest import cli_runner, shown
 from tests.emulator import DEFAULT_API_KEY, DEFAULT_CATALOG, Emulator
 from tests.factories import record
 
@@ -182,10 +182,10 @@ def test_catalog_pull_writes_a_catalog_the_dry_run_can_use(tmp_path: Path) -> No
             "accounts: {map: {physics: physics}}\npartitions: {map: {compute: CPU_HOUR}}\n"
             "catalog_file: catalog.yaml\n"
         )
-        result = CliRunner().invoke(
+        result = cli_runner().invoke(
             main, ["catalog", "pull", "--config", str(config)], env={"PW_API_KEY": DEFAULT_API_KEY}
         )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, shown(result)
     pulled = rating.load_catalog_file(tmp_path / "catalog.yaml")
     assert {"CPU_HOUR", "GPU_HOUR", "MEM_GB_HOUR", "OLD_SKU"} <= set(pulled.skus)
     assert pulled.skus["OLD_SKU"].archived
@@ -197,7 +197,7 @@ def test_catalog_pull_writes_a_catalog_the_dry_run_can_use(tmp_path: Path) -> No
         datetime(2026, 2, 1, 1, tzinfo=UTC),
     )
     assert (cpu.amount, cpu.usd) == (Decimal("3.000000"), Decimal("0.150000"))
-    show = CliRunner().invoke(
+    show = cli_runner().invoke(
         main, ["catalog", "show", "--config", str(config), "--at", "2025-06-01T00:00:00Z"]
     )
-    assert show.exit_code == 0 and "CPU_HOUR" in show.output
+    assert show.exit_code == 0 and "CPU_HOUR" in shown(show)
