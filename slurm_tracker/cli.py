@@ -37,7 +37,6 @@ EXIT_CONFIG = 3
 EXIT_UNDELIVERED = 4
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL from sysexits.h
 
-log = logging.getLogger("slurm_tracker")
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -507,6 +507,12 @@ def _parse_parsable(
             steps += 1
         else:
             records.append(record)
+    return _result(source, records, rejected, steps)
+
+
+def _result(
+    source: str, records: list[JobRecord], rejected: list[Rejected], steps: int
+) -> ParseResult:
     logger.debug(
         "%s: %d records, %d rejected, %d steps ignored",
         source,
@@ -649,14 +655,7 @@ def _parse_json(data: bytes, *, cluster: str, source: str) -> ParseResult:
             records.append(_record_from_json(job, index=index, cluster=cluster))
         except (_Bad, ValueError, TypeError, OverflowError) as exc:
             rejected.append(Rejected(index, f"job #{index}: {exc}", _json_snippet(job)))
-    logger.debug(
-        "%s: %d records, %d rejected, %d steps ignored",
-        source,
-        len(records),
-        len(rejected),
-        steps,
-    )
-    return ParseResult(records=tuple(records), rejected=tuple(rejected), steps_ignored=steps)
+    return _result(source, records, rejected, steps)
 
 
 def _json_snippet(value: Any) -> str:
