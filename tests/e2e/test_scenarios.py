@@ -243,21 +243,30 @@ def test_api_faults_then_recovery(
     jobs.submit("gpu", "--gres=gpu:2", account="physics", partition="gpu", wrap="sleep 2")
     jobs.submit("single", account="chemistry", wrap="sleep 1")
     jobs.wait_done()
-    truth = cluster.truth(jobs.all())
     last: dict[str, Any] = {}
 
     def all_planned() -> Optional[dict[str, dict[str, Any]]]:
-        # slurmdbd may still be completing records right after the jobs end (see
-        # cluster.wait_all_done): ask again rather than fail on a half-written record
+        # Right after the jobs end, slurmdbd may still be writing some of their records (the
+        # array's tasks under load): read the truth and the plan again until both show the
+        # 7 runs (1 + 4 array tasks + 1 + 1) and the plan their 8 events.
+        last["truth"] = cluster.truth(jobs.all())
         plan = agent.dry_run()
         last["skipped"] = plan["skipped"]
-        found = dry_events(plan, truth)
-        return found if len(found) == 8 else None
+        last["planned"] = sorted(
+            (e["metadata"]["jobId"], e["metadata"]["jobIdRaw"], e["metadata"]["submittedAt"])
+            for e in plan["events"]
+        )
+        found = dry_events(plan, last["truth"])
+        return found if len(last["truth"]) == 7 and len(found) == 8 else None
 
     try:
-        planned = wait_for("the dry run to plan all 8 events", all_planned, timeout=30)
+        planned = wait_for("the dry run to plan all 8 events", all_planned, timeout=60)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; skipped: {last.get('skipped')}") from exc
+        raise AssertionError(
+            f"{exc}; truth: {sorted(last.get('truth', {}))}; planned: {last.get('planned')}; "
+            f"skipped: {last.get('skipped')}"
+        ) from exc
+    truth = last["truth"]
     refused = next(k for k, e in planned.items() if e["metadata"]["jobId"] == jobs["refused"])
 
     faults = [
