@@ -6,7 +6,8 @@ What was already reported is a number of those seconds; the new usage is the str
 (``start_at + offset``), and cut at UTC month boundaries (and at any other instants the caller
 passes, such as rate-rule changes) so that every piece falls in one billing period.
 
-State names never decide anything here: a run is final when its End is known.
+State names never decide anything here: a run is final when its End is known. The last
+``sacct.lag`` seconds of a run that is not final are held back (see SegmentPolicy).
 """
 
 from __future__ import annotations
