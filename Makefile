@@ -1,6 +1,12 @@
 # Developer tasks. The e2e targets need root (they run a real Slurm cluster on this machine).
 
-.PHONY: e2e-up e2e-down capture
+.PHONY: e2e e2e-up e2e-down capture
+
+PYTHON ?= python3
+
+# Start the box and run the end-to-end tests against it (as root).
+e2e: e2e-up
+	CI=true $(PYTHON) -m pytest tests/e2e
 
 # Start the test Slurm cluster ("the box"); idempotent, a few seconds once installed.
 e2e-up:
