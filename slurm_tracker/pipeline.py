@@ -505,8 +505,8 @@ def backfill_plan(
         parsed = parse_input(
             config, Input(read_live(config, window, environ), "sacct", window), None
         )
-        runs = [r.run for r in parsed.records]
-        known = {**store.reported(runs), **{r: s for r, s in reported.items() if r in set(runs)}}
+        runs = {r.run for r in parsed.records}
+        known = {**store.reported(runs), **{r: s for r, s in reported.items() if r in runs}}
         plan = plan_usage(parsed, known, config, catalog)
         reported.update(reported_after(plan, known))
         plans.append(plan)
