@@ -13,6 +13,19 @@ we know of its outcome (see DESIGN.md, "Exactly once over an API without idempot
 - :class:`FatalApiError`: permanent but not about one event (401, 403, a redirect, a refused
   look-up): stop the whole sync; the event stays pending.
 
+Every request is bounded, whatever the server does:
+
+- **in size**: at most :data:`MAX_RESPONSE_BYTES` (1 MiB) of an answer is read (streamed, in
+  chunks; a larger ``Content-Length`` is refused before reading). A 2xx answer larger than that
+  is an :class:`OutcomeUnknown` (the event may have been created: look it up); a larger error
+  answer keeps its status's meaning and its message comes from the bytes read.
+- **in time**: a total deadline of ``connect_timeout + read_timeout`` for the whole exchange
+  (connecting, sending, the status line, the headers and the body), not only per socket read:
+  a server dripping a byte every few hundred milliseconds never trips a read timeout. The
+  exchange runs in a request thread the caller waits for; past the deadline the request is an
+  :class:`OutcomeUnknown` and the thread, left behind, closes its answer when it ends. At most
+  ``max_request_threads`` such threads exist per client.
+
 The API key is never logged, shown in a ``repr`` or put in an error message.
 """
 
@@ -20,12 +33,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
+import codecs
+import http.client
 import json
 import logging
+import os
 import re
 import ssl
-import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -41,15 +55,20 @@ import requests
 import tenacity
 import urllib3.exceptions
 
-from slurm_tracker import __version__, errors
+from slurm_tracker import __version__, errors, files
+from slurm_tracker.config import is_loopback
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PW_API_KEY"
 PLATFORM_HOST_ENV = "PW_PLATFORM_HOST"
 KEY_PREFIX = "pwt_"
+KEY_FILE_MAX_BYTES = 4096  # a key is one short line: a larger file is not a key file
 PAGE_SIZE = 100
 MAX_PAGES = 10_000  # a look-up never walks more pages than this, whatever the server says
+MAX_RESPONSE_BYTES = 1 << 20  # 1 MiB; a full page of 100 usage events is about 50 KiB
+MAX_REQUEST_THREADS = 64  # per client: api.concurrency (at most 32) plus abandoned requests
+_CHUNK_BYTES = 64 * 1024
 
 _T = TypeVar("_T")
 
@@ -58,29 +77,15 @@ _T = TypeVar("_T")
 
 
 def load_api_key(key_file: Optional[Path], environ: Mapping[str, str]) -> str:
-    """The API key, from ``key_file`` (mode 0600 or stricter) or else ``$PW_API_KEY``."""
+    """The API key, from ``key_file`` or else ``$PW_API_KEY``.
+
+    The key file must be a regular file (not a link) owned by the user running slurm-tracker,
+    neither readable nor writable by group or others, in a directory only that user or root
+    can change; else :class:`errors.UnsafeFile`. No message shows any of its content.
+    """
     if key_file is not None:
         source = str(key_file)
-        try:
-            mode = key_file.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise errors.ConfigError(
-                    source,
-                    [
-                        f"the API key file {key_file} is accessible by group or others "
-                        f"(mode {stat.S_IMODE(mode):04o}): run `chmod 600 {key_file}`"
-                    ],
-                )
-            key = key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise errors.ConfigError(
-                source,
-                [f"cannot read the API key file {key_file}: {exc.strerror or exc}"],
-            ) from exc
-        except UnicodeDecodeError as exc:
-            raise errors.ConfigError(
-                source, [f"the API key file {key_file} is not UTF-8 text"]
-            ) from exc
+        key = _read_key_file(key_file)
         where = f"the API key file {key_file}"
     else:
         source = f"${API_KEY_ENV}"
@@ -105,6 +110,51 @@ def load_api_key(key_file: Optional[Path], environ: Mapping[str, str]) -> str:
             ],
         )
     return key
+
+
+def _read_key_file(path: Path) -> str:
+    """The stripped text of the key file, checked like ssh's StrictModes (see files.py)."""
+    what = "API key file"
+    files.check_directory(path.parent, f"{what} {path}")
+    try:
+        # O_NONBLOCK: opening a FIFO put in the key's place must not hang the agent (it is
+        # then refused as not a regular file); it changes nothing for a regular file.
+        fd = files.open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK, what)
+    except OSError as exc:
+        raise errors.ConfigError(
+            str(path), [f"cannot read the API key file {path}: {exc.strerror or exc}"]
+        ) from exc
+    try:
+        files.check_open_file(fd, path, what, owned_by_us=True, private=True)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= KEY_FILE_MAX_BYTES:
+            chunk = os.read(fd, KEY_FILE_MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise errors.ConfigError(
+            str(path), [f"cannot read the API key file {path}: {exc.strerror or exc}"]
+        ) from exc
+    finally:
+        os.close(fd)
+    if size > KEY_FILE_MAX_BYTES:
+        raise errors.ConfigError(
+            str(path),
+            [
+                f"the API key file {path} is larger than {KEY_FILE_MAX_BYTES} bytes: it should "
+                "hold only the key; is it the right file?"
+            ],
+        )
+    try:
+        return b"".join(chunks).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        # not chained: the decode error holds the file's bytes
+        raise errors.ConfigError(
+            str(path), [f"the API key file {path} is not UTF-8 text"]
+        ) from None
 
 
 def _key_chars_ok(key: str) -> bool:
@@ -172,17 +222,6 @@ def _normalise_base(text: str, source: str) -> str:
     if problems:
         raise errors.ConfigError(source, problems)
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-
-
-def is_loopback(hostname: str) -> bool:
-    """127.0.0.0/8, ::1 and ``localhost``."""
-    name = hostname.strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 # --- outcomes ---------------------------------------------------------------------------------
@@ -259,7 +298,9 @@ def _classify_exception(exc: requests.RequestException, what: str) -> RequestFai
         return NotSent(f"{what}: cannot connect: {_describe(reason)}")
     if isinstance(exc, requests.exceptions.SSLError) and _is_cert_error(reason):
         return NotSent(f"{what}: TLS certificate rejected: {_describe(reason)}")
-    if isinstance(exc, requests.ReadTimeout):
+    if isinstance(exc, requests.ReadTimeout) or isinstance(
+        reason, urllib3.exceptions.ReadTimeoutError
+    ):  # the second: a read timeout while reading the body
         return OutcomeUnknown(f"{what}: no answer in time (read timeout)")
     return OutcomeUnknown(f"{what}: {type(exc).__name__}: {_describe(reason)}")
 
@@ -290,19 +331,63 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def _error_from_response(resp: requests.Response, what: str) -> Exception:
-    """The exception for a non-2xx answer."""
-    status = resp.status_code
+@dataclass(frozen=True)
+class _Answer:
+    """An HTTP answer read within the limits: the status, the headers and at most
+    ``max_response_bytes`` of the body (``complete`` is False when there was more)."""
+
+    status: int
+    reason: str
+    headers: Mapping[str, str]
+    body: bytes
+    complete: bool
+    limit: int
+    encoding: Optional[str] = None
+
+
+class _Abandoned(Exception):
+    """Raised in a request thread whose caller gave up waiting (past the deadline)."""
+
+
+def _read_bounded(
+    resp: requests.Response, limit: int, abandoned: threading.Event
+) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of a streamed body, and whether that was all of it.
+
+    A ``Content-Length`` above the limit is refused without reading; otherwise the body is read
+    in chunks and reading stops at the first chunk past the limit (the caller closes the
+    connection, so the rest is never received). ``resp.content``, ``.text`` and ``.json()``
+    would read everything first.
+    """
+    declared = resp.headers.get("Content-Length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        return b"", False
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in resp.iter_content(chunk_size=_CHUNK_BYTES):
+        if abandoned.is_set():
+            raise _Abandoned
+        if size + len(chunk) > limit:
+            chunks.append(chunk[: limit - size])  # the start, for an error message
+            return b"".join(chunks), False
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks), True
+
+
+def _error_from_answer(answer: _Answer, what: str) -> Exception:
+    """The exception for a non-2xx answer; the status decides, whatever the body's size."""
+    status = answer.status
     if status == 429:
-        retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+        retry_after = parse_retry_after(answer.headers.get("Retry-After"), time.time())
         return RateLimited(f"{what}: HTTP 429 rate limited", retry_after)
     if status == 408 or status >= 500:
-        retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
-        message, code = _error_message(resp)
+        retry_after = parse_retry_after(answer.headers.get("Retry-After"), time.time())
+        message, code = _error_message(answer)
         return OutcomeUnknown(
             f"{what}: HTTP {status}{f' {code}' if code else ''}: {message}", retry_after
         )
-    message, code = _error_message(resp)
+    message, code = _error_message(answer)
     if status in (401, 403):
         hint = (
             "the API key was refused: check api.api_key_file / $PW_API_KEY"
@@ -311,38 +396,65 @@ def _error_from_response(resp: requests.Response, what: str) -> Exception:
         )
         return FatalApiError(status, f"{what}: {message} ({hint})", code)
     if 300 <= status < 400:
+        location = _clip(answer.headers.get("Location", "?"), 300)
         return FatalApiError(
             status,
-            f"{what}: unexpected redirect to {resp.headers.get('Location', '?')}: "
+            f"{what}: unexpected redirect to {location}: "
             "set api.url to the API's final https:// address",
             code,
         )
     return errors.ApiError(status, f"{what}: {message}", code)
 
 
-def _error_message(resp: requests.Response) -> tuple[str, str]:
-    """(message, code) from an ``Error`` or problem+json body, else from the status line."""
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
+_MAX_DETAILS = 10
+
+
+def _error_message(answer: _Answer) -> tuple[str, str]:
+    """(message, code) from an ``Error`` or problem+json body, else from the status line.
+
+    Only the bytes read within the limit are used, and the message is clipped.
+    """
+    reason = _clip(answer.reason, 100) or "error"
+    body: object = None
+    if answer.complete and answer.body:
+        try:
+            body = json.loads(answer.body)
+        except (ValueError, RecursionError):
+            body = None
     if isinstance(body, dict):
-        code = body.get("code") if isinstance(body.get("code"), str) else ""
+        code = _clip(body["code"], 100) if isinstance(body.get("code"), str) else ""
         message = body.get("message") or body.get("detail") or body.get("title") or ""
         details = []
-        for item in body.get("errors") or []:
+        raw_details = body.get("errors")
+        for item in raw_details[:_MAX_DETAILS] if isinstance(raw_details, list) else []:
             if isinstance(item, str):
-                details.append(item)
+                details.append(_clip(item, 200))
             elif isinstance(item, dict):
-                where = item.get("pointer") or item.get("parameter") or ""
-                text = item.get("detail") or item.get("code") or ""
-                details.append(f"{where}: {text}" if where else str(text))
-        message = str(message) or resp.reason or "error"
+                where = _clip(str(item.get("pointer") or item.get("parameter") or ""), 100)
+                text = _clip(str(item.get("detail") or item.get("code") or ""), 200)
+                details.append(f"{where}: {text}" if where else text)
+        text = _clip(str(message), 300) or reason
         if details:
-            message += " (" + "; ".join(details) + ")"
-        return message, str(code)
-    text = " ".join(resp.text.split())[:200] if resp.text else ""
-    return (f"{resp.reason or 'error'}{f': {text}' if text else ''}", "")
+            text += " (" + "; ".join(details) + ")"
+        return text, code
+    decoded = answer.body[:4096].decode(_codec(answer.encoding), errors="replace")
+    text = " ".join(decoded.split())[:200]
+    if not answer.complete:
+        text += f"... (an answer larger than {answer.limit} bytes; the rest was not read)"
+    return (f"{reason}{f': {text}' if text else ''}", "")
+
+
+def _codec(name: Optional[str]) -> str:
+    if not name:
+        return "utf-8"
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return "utf-8"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --- retries -----------------------------------------------------------------------------------
@@ -432,7 +544,21 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
 
 
 class AllocationsClient:
-    """The Allocations API of one organization, over HTTP Basic auth with an API key."""
+    """The Allocations API of one organization, over HTTP Basic auth with an API key.
+
+    Limits of every request (one attempt):
+
+    - ``connect_timeout_s`` to connect, ``read_timeout_s`` between two bytes of the answer;
+    - a total **deadline of** ``connect_timeout_s + read_timeout_s`` for the whole exchange,
+      headers and body included (:attr:`deadline_s`): past it the attempt is an
+      :class:`OutcomeUnknown` ("no complete answer within N s"), whatever the server still
+      sends; the time it took counts in the retry budget like any failed attempt;
+    - at most ``max_response_bytes`` (:data:`MAX_RESPONSE_BYTES`, 1 MiB) of the answer's body
+      are read; a larger 2xx answer is an :class:`OutcomeUnknown`;
+    - at most ``max_request_threads`` exchanges in progress, abandoned ones included (see
+      :meth:`_exchange_within_deadline`); when all are taken, a request waits for one until its
+      deadline and then fails as :class:`NotSent` (it never left).
+    """
 
     def __init__(
         self,
@@ -451,11 +577,17 @@ class AllocationsClient:
         clock: Callable[[], float] = time.monotonic,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_request_threads: int = MAX_REQUEST_THREADS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.organization = organization
         self._auth = (api_key, "")
         self.timeout = (connect_timeout_s, read_timeout_s)
+        self.deadline_s = connect_timeout_s + read_timeout_s
+        self.max_response_bytes = max(0, max_response_bytes)
+        self.max_request_threads = max(1, max_request_threads)
+        self._request_slots = threading.BoundedSemaphore(self.max_request_threads)
         self.max_attempts = max(1, max_attempts)
         self.budget = RetryBudget(max_retry_time_s)
         self.session = session if session is not None else requests.Session()
@@ -511,32 +643,128 @@ class AllocationsClient:
         started = self._clock()
         try:
             log.debug("%s", what)
-            try:
-                resp = self.session.request(
-                    method,
-                    self.base_url + path,
-                    params=params,
-                    data=data,
-                    headers=headers,
-                    auth=self._auth,
-                    timeout=self.timeout,
-                    allow_redirects=False,
+            answer = self._exchange_within_deadline(what, method, path, params, data, headers)
+            if not 200 <= answer.status < 300:
+                raise _error_from_answer(answer, what)
+            if not answer.complete:
+                raise OutcomeUnknown(
+                    f"{what}: HTTP {answer.status} with an answer larger than "
+                    f"{self.max_response_bytes} bytes (the rest was not read)"
                 )
-            except requests.RequestException as exc:
-                raise _classify_exception(exc, what) from exc
-            if not 200 <= resp.status_code < 300:
-                raise _error_from_response(resp, what)
-            if not resp.content:
+            if not answer.body:
                 return None
             try:
-                return resp.json()
-            except ValueError as exc:
+                return json.loads(answer.body)
+            except (ValueError, RecursionError) as exc:
                 raise OutcomeUnknown(
-                    f"{what}: HTTP {resp.status_code} with a body that is not JSON"
+                    f"{what}: HTTP {answer.status} with a body that is not JSON"
                 ) from exc
         except RequestFailed:
             self.budget.spend(self._clock() - started)
             raise
+
+    def _exchange_within_deadline(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        params: Optional[Mapping[str, Any]],
+        data: Optional[bytes],
+        headers: Mapping[str, str],
+    ) -> _Answer:
+        """Run :meth:`_exchange` in a request thread and wait for it at most :attr:`deadline_s`.
+
+        Why a thread: requests' timeouts apply to each socket operation, and http.client reads
+        the status line and headers itself, one buffered line at a time; a server sending a
+        byte every few hundred milliseconds keeps every read within the timeout for as long as
+        it likes, in the headers as in the body. Only a caller that stops waiting bounds the
+        whole exchange. The abandoned thread cannot be killed: it stops at its next body chunk,
+        or when the server gives up or its socket times out, and closes its answer itself (in
+        :meth:`_exchange`). Request threads are daemons (they never hold the process at exit)
+        and each holds one of ``max_request_threads`` slots until it ends, so abandoned ones
+        cannot pile up.
+        """
+        deadline_at = time.monotonic() + self.deadline_s
+        if not self._request_slots.acquire(timeout=self.deadline_s):
+            raise NotSent(
+                f"{what}: not sent: {self.max_request_threads} earlier requests are still "
+                "waiting for the API's answer"
+            )
+        abandoned = threading.Event()
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["answer"] = self._exchange(method, path, params, data, headers, abandoned)
+            except BaseException as exc:  # handed to the caller, or dropped if it gave up
+                outcome["error"] = exc
+            finally:
+                self._request_slots.release()
+                done.set()
+                if abandoned.is_set():
+                    log.debug("%s: the abandoned request ended: %s", what, outcome.get("error"))
+
+        try:
+            threading.Thread(target=work, name="slurm-tracker-request", daemon=True).start()
+        except RuntimeError as exc:  # no thread could be started: nothing was sent
+            self._request_slots.release()
+            raise NotSent(f"{what}: not sent: cannot start a request thread: {exc}") from exc
+        if not done.wait(max(0.0, deadline_at - time.monotonic())):
+            abandoned.set()
+            raise OutcomeUnknown(
+                f"{what}: no complete answer within {self.deadline_s:g} s (the connect and "
+                "read timeouts together)"
+            )
+        error = outcome.get("error")
+        if error is None:
+            answer: _Answer = outcome["answer"]
+            return answer
+        if isinstance(error, requests.RequestException):
+            raise _classify_exception(error, what) from error
+        if isinstance(error, (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)):
+            # raised by the transport below requests while the body was read
+            raise OutcomeUnknown(f"{what}: {type(error).__name__}: {_describe(error)}") from error
+        raise error
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        params: Optional[Mapping[str, Any]],
+        data: Optional[bytes],
+        headers: Mapping[str, str],
+        abandoned: threading.Event,
+    ) -> _Answer:
+        """The request and at most ``max_response_bytes`` of its answer (in a request thread).
+
+        The answer is always closed here: released to the pool when read to its end, else its
+        connection is closed (the rest of an oversized or abandoned answer is never read).
+        """
+        resp = self.session.request(
+            method,
+            self.base_url + path,
+            params=params,
+            data=data,
+            headers=headers,
+            auth=self._auth,
+            timeout=self.timeout,
+            allow_redirects=False,
+            stream=True,
+        )
+        try:
+            body, complete = _read_bounded(resp, self.max_response_bytes, abandoned)
+            return _Answer(
+                status=resp.status_code,
+                reason=resp.reason or "",
+                headers=resp.headers,
+                body=body,
+                complete=complete,
+                limit=self.max_response_bytes,
+                encoding=resp.encoding,
+            )
+        finally:
+            resp.close()
 
     def _retried(self, operation: Callable[[], _T]) -> _T:
         """Run ``operation`` with transient-failure retries (reads and idempotent writes)."""

@@ -6,13 +6,14 @@ Exit codes: 0 ok; 1 runtime failure; 2 usage error; 3 invalid configuration or s
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional, TypeVar, cast
 
@@ -27,7 +28,9 @@ from slurm_tracker.errors import (
     StateError,
     TemporaryFailure,
     TrackerError,
+    UnsafeFile,
 )
+from slurm_tracker.files import write_atomically
 from slurm_tracker.state import State, StateLock
 
 EXIT_OK = 0
@@ -57,14 +60,23 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+#: OS errors of the environment rather than of the input: full disk or quota, read-only file
+#: system, I/O error. Nothing is lost; the next run continues where this one stopped.
+_TEMPORARY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
 def handles_errors(func: F) -> F:
-    """Turns domain errors into a message on stderr and the documented exit code."""
+    """Turns errors into one message on stderr and the documented exit code, never a traceback.
+
+    A last-resort handler turns anything unexpected into exit 1 with one line; the details
+    (the traceback) are logged at debug level (-vv).
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, StateError) as exc:
+        except (ConfigError, StateError, UnsafeFile) as exc:
             _fail(str(exc), EXIT_CONFIG)
         except TemporaryFailure as exc:
             _fail(f"{exc} (temporary: the next run will try again)", EXIT_TEMPFAIL)
@@ -72,9 +84,37 @@ def handles_errors(func: F) -> F:
             _fail(str(exc), EXIT_USAGE)
         except TrackerError as exc:
             _fail(str(exc), EXIT_FAILURE)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            if exc.errno in _TEMPORARY_ERRNOS:
+                _fail(
+                    f"{exc.strerror or exc}{where}: nothing was lost (temporary: the next run "
+                    "will try again once this is fixed)",
+                    EXIT_TEMPFAIL,
+                )
+            _log_unexpected(exc)
+            _fail(f"{exc.strerror or exc}{where}", EXIT_FAILURE)
+        except Exception as exc:
+            _log_unexpected(exc)
+            _fail(
+                f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (run again with -vv "
+                "for the details, and please report it)",
+                EXIT_FAILURE,
+            )
         return None
 
     return cast(F, wrapper)
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
+def _log_unexpected(exc: BaseException) -> None:
+    logging.getLogger("slurm_tracker").debug("details", exc_info=exc)
 
 
 def _log_options(func: F) -> F:
@@ -221,6 +261,12 @@ def sync(
     would be posted and what it costs, from the state as it is, and changes nothing.
     """
     _setup_logging(verbose, quiet)
+    if now_at is not None and not (dry_run or sacct_file):
+        raise click.UsageError(
+            "--now pins the clock for dry runs and replays of saved files only (--dry-run or "
+            "--sacct-file): a live sync always runs at the real time, so that the high-water "
+            "mark cannot move past it"
+        )
     config = _load(config_path)
     now_at = now_at or pipeline.utc_now()
     catalog = pipeline.load_catalog(config)
@@ -228,11 +274,21 @@ def sync(
     stdin = sys.stdin.buffer
     if dry_run:
         with State.open(path, readonly=True) as store:
-            window = pipeline.sync_window(now_at, store.high_water_at(), config.sacct)
+            mark = pipeline.check_mark(store, config)
+            window = pipeline.sync_window(now_at, mark, config.sacct)
             given = pipeline.gather(config, window, sacct_file, stdin, os.environ)
             parsed = pipeline.parse_input(config, given, _fields(sacct_fields))
             reported = store.reported(r.run for r in parsed.records)
-        plan = pipeline.plan_usage(parsed, reported, config, catalog)
+            forgotten_before = store.pruned_before()
+        plan = pipeline.plan_usage(
+            parsed,
+            reported,
+            config,
+            catalog,
+            now_at=pipeline.utc_now(),
+            floor_at=config.sacct.first_sync_start,
+            forgotten_before=forgotten_before,
+        )
         _show_plan(plan, given.window, given.source, output, verbose)
         return
     client = _client(config)
@@ -364,7 +420,7 @@ def status(
     config = _load(config_path)
     now_at = now_at or pipeline.utc_now()
     with State.open(_state_path(config, state_path), readonly=True) as store:
-        info = report.status_info(store, now_at)
+        info = report.status_info(store, now_at, config.limits.clock_skew_s)
     if output == "json":
         click.echo(json.dumps(info, indent=2, default=str))
     else:
@@ -390,12 +446,28 @@ def check(
         for warning in pipeline.catalog_warnings(config, catalog):
             click.echo(f"warning     {warning}")
     path = _state_path(config, state_path)
+    state_problems: list[str] = []
     if path.exists():
         with State.open(path, readonly=True) as store:
+            state_problems = store.integrity_problems()
             counts = store.counts()
-        click.echo(
-            f"state file  {path}: readable ({counts['pending']} pending, {counts['dead']} dead)"
-        )
+            mark = store.high_water_at()
+            quarantined = store.quarantine_count()
+        if state_problems:
+            for problem in state_problems:
+                click.echo(f"problem     state file {path}: {problem}")
+        else:
+            click.echo(
+                f"state file  {path}: intact ({counts['pending']} pending, {counts['held']} "
+                f"held, {counts['dead']} dead; {quarantined} quarantined records)"
+            )
+        skew = config.limits.clock_skew_s
+        if mark is not None and mark > pipeline.utc_now() + timedelta(seconds=skew):
+            state_problems.append("high-water mark in the future")
+            click.echo(
+                f"problem     high-water mark {mark:%Y-%m-%dT%H:%M:%SZ} is in the future: syncs "
+                "would bill nothing; fix the clock, then `slurm-tracker state set-mark TIME`"
+            )
     else:
         click.echo(f"state file  {path}: not created yet (the first sync creates it)")
     if online:
@@ -405,6 +477,8 @@ def check(
         if problems:
             sys.exit(EXIT_CONFIG)
         click.echo("api         key accepted; every mapped allocation and SKU exists")
+    if state_problems:
+        sys.exit(EXIT_CONFIG)
 
 
 @main.group()
@@ -419,8 +493,8 @@ def outbox() -> None:
     "--status",
     "statuses",
     multiple=True,
-    type=click.Choice(["pending", "sending", "acked", "dead", "dropped"]),
-    help="Only these statuses (repeatable; default: pending, sending and dead).",
+    type=click.Choice(["pending", "sending", "held", "acked", "dead", "dropped"]),
+    help="Only these statuses (repeatable; default: pending, sending, held and dead).",
 )
 @_output_option
 @handles_errors
@@ -430,7 +504,7 @@ def outbox_list(
     """List outbox events."""
     config = _load(config_path)
     with State.open(_state_path(config, state_path), readonly=True) as store:
-        rows = store.outbox(statuses or ("pending", "sending", "dead"))
+        rows = store.outbox(statuses or ("pending", "sending", "held", "dead"))
     if output == "json":
         click.echo(json.dumps([report.outbox_json(r) for r in rows], indent=2))
     else:
@@ -452,9 +526,13 @@ def _outbox_change(
     with StateLock(path) as lock:
         lock.acquire(now_at)
         with State.open(path) as store:
-            change = store.retry if verb == "retry" else store.drop
+            change = {"retry": store.retry, "drop": store.drop, "release": store.release}[verb]
             count = change(None if all_ else list(keys), now_at)
-    done = "back to pending (the next sync sends them)" if verb == "retry" else "dropped"
+    done = {
+        "retry": "back to pending (the next sync sends them)",
+        "drop": "dropped",
+        "release": "released: the next sync sends them",
+    }[verb]
     click.echo(f"{count} event{'s' if count != 1 else ''} {done}")
 
 
@@ -464,7 +542,12 @@ def _outbox_change_command(verb: str, help_text: str) -> None:
     @outbox.command(verb, help=help_text)
     @_config_option
     @_state_option
-    @click.option("--all", "all_", is_flag=True, help="Every dead event.")
+    @click.option(
+        "--all",
+        "all_",
+        is_flag=True,
+        help=f"Every {'held' if verb == 'release' else 'dead'} event.",
+    )
     @click.argument("keys", nargs=-1)
     @handles_errors
     def command(
@@ -477,6 +560,11 @@ _outbox_change_command(
     "retry", "Put dead (or dropped) events back in the queue, e.g. after fixing an allocation."
 )
 _outbox_change_command("drop", "Give up dead events: they are kept, marked dropped, never sent.")
+_outbox_change_command(
+    "release",
+    "Send held events (quantity above limits.hold_above) after checking them: they go back "
+    "to pending and the next sync sends them.",
+)
 
 
 @main.group()
@@ -504,7 +592,9 @@ def catalog_pull(
     if target is None:
         raise click.UsageError("pass --output PATH, or set catalog_file in the config")
     pulled = pipeline.pull_catalog(_client(config), pipeline.utc_now())
-    pipeline.write_atomically(target, rating.dump_catalog(pulled))
+    # 0644: rates are not secret, and dry runs by other admins read them; nobody else may
+    # write the file (files.py refuses a catalog others can write).
+    write_atomically(target, rating.dump_catalog(pulled).encode("utf-8"), mode=0o644)
     click.echo(
         f"catalog with {len(pulled.skus)} SKUs in {len(pulled.units)} units written to {target}"
     )
@@ -534,3 +624,78 @@ def catalog_show(config_path: Optional[str], at: Optional[datetime], output: str
         click.echo(json.dumps(report.rates_json(rates), indent=2))
     else:
         click.echo(report.rates_text(rates))
+
+
+@main.group()
+def quarantine() -> None:
+    """Records that were rejected (malformed or implausible) and never billed."""
+
+
+@quarantine.command("list")
+@_config_option
+@_state_option
+@click.option("--all", "all_", is_flag=True, help="Resolved entries too.")
+@_output_option
+@click.option("-v", "--verbose", is_flag=True, help="Whole reasons and the records as read.")
+@handles_errors
+def quarantine_list(
+    config_path: Optional[str],
+    state_path: Optional[str],
+    all_: bool,
+    output: str,
+    verbose: bool,
+) -> None:
+    """List quarantined records, newest first.
+
+    A record lands here when it cannot be billed as it is (a corrupt field, End before Start,
+    a count above the limits...). It is never billed in that form. When slurmdbd later shows a
+    sane record of the same run (after `sacctmgr` fixed it, say), the next sync or backfill
+    that reads it bills it as usual and the entry is marked resolved.
+    """
+    config = _load(config_path)
+    with State.open(_state_path(config, state_path), readonly=True) as store:
+        rows = store.quarantine_rows(include_resolved=all_)
+    if output == "json":
+        click.echo(json.dumps([report.quarantine_json(r) for r in rows], indent=2))
+    else:
+        click.echo(report.quarantine_text(rows, verbose))
+
+
+@main.group("state")
+def state_group() -> None:
+    """Repair the state file."""
+
+
+@state_group.command("set-mark")
+@_config_option
+@_state_option
+@click.argument("time", metavar="TIME", callback=_parse_now)
+@click.option("--yes", is_flag=True, help="Do it (without it, only say what would change).")
+@handles_errors
+def state_set_mark(
+    config_path: Optional[str], state_path: Optional[str], time: datetime, yes: bool
+) -> None:
+    """Set the high-water mark to TIME (RFC 3339), e.g. after a wrong clock moved it ahead.
+
+    The next sync reads from TIME minus sacct.overlap. Moving the mark back bills nothing twice
+    (every run's progress is kept), as long as TIME is after the point where old progress was
+    pruned (refused otherwise).
+    """
+    config = _load(config_path)
+    path = _state_path(config, state_path)
+    now_at = pipeline.utc_now()
+    if not yes:
+        with State.open(path, readonly=True) as store:
+            mark = store.high_water_at()
+        old = f"{mark:%Y-%m-%dT%H:%M:%SZ}" if mark else "none"
+        click.echo(
+            f"would set the high-water mark of {path} from {old} to {time:%Y-%m-%dT%H:%M:%SZ}; "
+            "pass --yes to do it"
+        )
+        return
+    with StateLock(path) as lock:
+        lock.acquire(now_at)
+        with State.open(path) as store:
+            previous = store.set_high_water(time, now_at, overlap_s=config.sacct.overlap_s)
+    old = f"{previous:%Y-%m-%dT%H:%M:%SZ}" if previous else "none"
+    click.echo(f"high-water mark of {path}: {old} -> {time:%Y-%m-%dT%H:%M:%SZ}")

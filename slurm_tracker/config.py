@@ -11,22 +11,29 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Optional, TypeVar, Union, cast
+from typing import Any, Optional, TypeVar, Union, cast
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from dateutil.parser import isoparse
-from yaml.constructor import SafeConstructor
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.error import Mark
+from yaml.events import AliasEvent, Event
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from slurm_tracker.errors import ConfigError
+from slurm_tracker.errors import ConfigError, UnsafeFile
+from slurm_tracker.files import read_trusted
 from slurm_tracker.models import METRICS, Metric, SkuCharge
 
 DEFAULT_CONFIG_PATH = Path("/etc/slurm-tracker/config.yaml")
@@ -70,6 +77,26 @@ class SacctConfig:
     backfill_chunk_s: int = 86400
     backfill_pause_s: int = 5
     file_timezone: str = "UTC"  # zone of naive timestamps in saved files
+    # Clusters this agent bills besides `cluster` (passed as --clusters; records of any other
+    # cluster are rejected). Empty: sacct's default, the local cluster only.
+    clusters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Plausibility limits: a record beyond them is rejected and quarantined, never billed.
+
+    Defaults are above any Slurm cluster built so far; sites set them to their own size.
+    """
+
+    max_cpus: int = 4_000_000  # allocated CPUs of one run
+    max_gpus: int = 250_000
+    max_nodes: int = 250_000
+    max_mem_mb: int = 64 * 1024**3  # 64 PiB, in MiB
+    clock_skew_s: int = 300  # tolerance when comparing times of different clocks
+    # An event whose quantity is above this is held for an operator (`outbox release KEY`)
+    # instead of being sent; 0 holds nothing.
+    hold_above: Decimal = Decimal(1_000_000)
 
 
 @dataclass(frozen=True)
@@ -105,6 +132,7 @@ class Config:
     catalog_file: Optional[Path] = None  # a catalog written by `slurm-tracker catalog pull`
     catalog: Optional[Mapping[str, object]] = None  # inline `catalog:`, validated by rating
     source: str = "<config>"  # where it was read from, for messages
+    limits: Limits = Limits()
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,6 +156,7 @@ CONFIG_KEYS: Mapping[str, tuple[str, ...]] = {
         "metadata",
         "catalog_file",
         "catalog",
+        "limits",
     ),
     "api": (
         "organization",
@@ -150,16 +179,84 @@ CONFIG_KEYS: Mapping[str, tuple[str, ...]] = {
         "backfill_chunk",
         "backfill_pause",
         "file_timezone",
+        "clusters",
     ),
     "accounts": ("map", "default", "ignore"),
     "partitions": ("map", "default", "ignore"),
     "metadata": ("fields",),
+    "limits": ("max_cpus", "max_gpus", "max_nodes", "max_memory", "clock_skew", "hold_above"),
 }
 _CHARGE_KEYS = ("sku", "metric")
 
 WHERE_CONFIG_IS_READ = (
     f"the configuration is read from --config PATH, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}"
 )
+
+# ---------------------------------------------------------------------- values in messages
+# A message may quote what the file says, except what could be a secret: an API key pasted
+# into the wrong key, or a file that is no configuration at all (`--config` naming the key file).
+
+_SHOWN_MAX = 60  # longer harmless values are shortened in messages
+_API_KEY_WORD = re.compile(r"(?<![A-Za-z0-9_])pwt_")  # the API key's prefix, at a word start
+_LONG_RUN = re.compile(r"\S{20,}")
+
+
+def looks_secret(text: str) -> bool:
+    """Whether ``text`` may hold a secret: a word starting with ``pwt_`` (the API key's prefix),
+    or a run of 20 or more characters without blanks that mixes letters and digits (a token or
+    password). Timestamps such as 2026-01-01T00:00:00Z are not secrets."""
+    if _API_KEY_WORD.search(text):
+        return True
+    for run in _LONG_RUN.findall(text):
+        if _ABSOLUTE_TIME.fullmatch(run):
+            continue
+        if any(char.isalpha() for char in run) and any(char.isdigit() for char in run):
+            return True
+    return False
+
+
+def shown_value(text: str, *, redact: bool = False) -> str:
+    """``text`` as a message may show it.
+
+    A value that looks like a secret (:func:`looks_secret`), or any value when ``redact`` is set
+    (e.g. one read from a file that is not a configuration), is shown as at most its first 4
+    characters, ``…`` and "(redacted)". Other values are shown as they are, shortened when long.
+    """
+    if redact or looks_secret(text):
+        prefix = json.dumps(text[:4], ensure_ascii=False)[1:-1]
+        return f"{prefix}… (redacted)"
+    if len(text) > _SHOWN_MAX:
+        return text[: _SHOWN_MAX - 1] + "…"
+    return text
+
+
+def _quoted(text: str, *, redact: bool = False) -> str:
+    """``"text"`` (JSON quoting) when it may be shown, else its redacted form (unquoted)."""
+    if redact or looks_secret(text):
+        return shown_value(text, redact=True)
+    return json.dumps(shown_value(text), ensure_ascii=False)
+
+
+def _shown_repr(value: object) -> str:
+    """``repr(value)`` when it may be shown, else its redacted form (for ``'5x'``-style quoting)."""
+    text = value if isinstance(value, str) else str(value)
+    if looks_secret(text):
+        return shown_value(text)
+    return repr(shown_value(text)) if isinstance(value, str) else shown_value(text)
+
+
+def _redacted_words(text: str) -> str:
+    """A third-party message (PyYAML, urllib, dateutil) with every secret-like word redacted:
+    such messages quote pieces of the document (an alias, a tag, a port)."""
+
+    def one(match: re.Match[str]) -> str:
+        word = match.group()
+        if word.strip("'\"").startswith("tag:yaml.org,2002:") and len(word) <= 80:
+            return word  # a standard YAML tag, e.g. in "could not determine a constructor"
+        return shown_value(word)
+
+    return re.sub(r"\S+", one, " ".join(text.split()))
+
 
 # ---------------------------------------------------------------------------------- durations
 
@@ -168,22 +265,27 @@ _DURATION_PART = re.compile(r"([0-9]+)([wdhms])")
 _DURATION_FORM = re.compile(r"(?:[0-9]+[wdhms])+")
 MAX_DURATION_S = 100 * 366 * 86400  # a century: anything longer is a typo
 _DURATION_HELP = "write whole seconds (90) or a number with a unit: 30s, 5m, 1h, 1d, 1w, or 1h30m"
+_MAX_DURATION_TEXT = 40  # longer is never a duration of at most a century (and int() has limits)
 
 
 def parse_duration(text: Union[str, int]) -> int:
     """Seconds in ``text``: ``30s``, ``5m``, ``1h``, ``1d``, ``1w``, ``1h30m``, or whole seconds.
 
     Units go from the largest to the smallest, each at most once. Raises ValueError on anything
-    else, on negative values, and on durations longer than a century.
+    else, on negative values, and on durations longer than a century. Messages show ``text``
+    only when it does not look like a secret (see :func:`shown_value`).
     """
     if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise ValueError(f"not a duration: {text!r}; {_DURATION_HELP}")
+        raise ValueError(f"not a duration: {_shown_repr(text)}; {_DURATION_HELP}")
     if isinstance(text, int):
         seconds = text
     else:
         stripped = text.strip()
+        shown = _shown_repr(text)
+        if len(stripped) > _MAX_DURATION_TEXT:
+            raise ValueError(f"not a duration: {shown} is far too long; {_DURATION_HELP}")
         if stripped.startswith("-"):
-            raise ValueError(f"negative duration {text!r}: durations are 0 or more")
+            raise ValueError(f"negative duration {shown}: durations are 0 or more")
         if re.fullmatch(r"[0-9]+", stripped):
             seconds = int(stripped)
         elif _DURATION_FORM.fullmatch(stripped):
@@ -194,17 +296,17 @@ def parse_duration(text: Union[str, int]) -> int:
                 position = order.index(unit)
                 if position <= last:
                     raise ValueError(
-                        f"not a duration: {text!r}: units must go from the largest to the "
+                        f"not a duration: {shown}: units must go from the largest to the "
                         f"smallest, each at most once (w, d, h, m, s), e.g. 1h30m"
                     )
                 last = position
                 seconds += int(number) * _DURATION_UNITS[unit]
         else:
-            raise ValueError(f"not a duration: {text!r}; {_DURATION_HELP}")
+            raise ValueError(f"not a duration: {shown}; {_DURATION_HELP}")
     if seconds < 0:
-        raise ValueError(f"negative duration {text!r}: durations are 0 or more")
+        raise ValueError(f"negative duration {_shown_repr(text)}: durations are 0 or more")
     if seconds > MAX_DURATION_S:
-        raise ValueError(f"duration {text!r} is longer than a century: check it")
+        raise ValueError(f"duration {_shown_repr(text)} is longer than a century: check it")
     return seconds
 
 
@@ -223,6 +325,125 @@ def format_duration(seconds: int) -> str:
     return "".join(parts)
 
 
+# ------------------------------------------------------------------------------ reading YAML
+# One hardened reader for the configuration and the catalog file (rating.py).
+
+#: Lists and mappings nested deeper than this are refused (real files nest less than 10 deep).
+MAX_YAML_DEPTH = 50
+#: Aliases (``*name``) may repeat at most this many nodes in all, so that no walk over the values
+#: can take exponential time ("billion laughs": a few lines that expand to 10^9 values).
+MAX_ALIAS_NODES = 10_000
+_TOO_DEEP = f"nested too deeply: more than {MAX_YAML_DEPTH} levels of lists and mappings"
+
+
+class YamlRefused(ComposerError):
+    """A document PyYAML could read but that is refused: too deep, or aliases that expand too
+    much or contain themselves. Its ``problem`` is a whole sentence, not a syntax error."""
+
+
+class GuardedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (no arbitrary objects), hardened against hostile or broken files.
+
+    * Nesting deeper than MAX_YAML_DEPTH is a :class:`YamlRefused` with its place (PyYAML composes
+      recursively: a 10,000-deep ``[[[[...]]]]`` would otherwise be a RecursionError).
+    * Aliases may repeat at most MAX_ALIAS_NODES nodes in all, and an alias inside the node it
+      names (a structure containing itself) is refused: every later walk stays linear in the
+      size of the file.
+    * A value that cannot be built (``!!int abc``, a 5,000-digit integer, ``!!timestamp
+      2026-13-45``) is a ConstructorError with its place, never a ValueError or AttributeError.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._composed = 0  # nodes composed so far, an alias counting as the nodes it repeats
+        self._repeated = 0  # nodes repeated by aliases
+        self._sizes: dict[int, int] = {}  # id(node) -> its size, once it is complete
+
+    def compose_node(self, parent: Optional[Node], index: int) -> Optional[Node]:
+        event = cast("Event", self.peek_event())  # type: ignore[no-untyped-call]
+        mark = cast("Optional[Mark]", event.start_mark)
+        if isinstance(event, AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:  # else PyYAML reports the undefined alias
+                self._count_alias(str(event.anchor), target, mark)
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise YamlRefused(None, None, _TOO_DEEP, mark)
+        self._depth += 1
+        before = self._composed
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._composed += 1
+        if node is not None:
+            self._sizes[id(node)] = self._composed - before
+        return node
+
+    def _count_alias(self, anchor: str, target: Node, mark: Optional[Mark]) -> None:
+        size = self._sizes.get(id(target))
+        if size is None:
+            raise YamlRefused(
+                None,
+                None,
+                f"the alias *{shown_value(anchor)} is used inside the value it names (a "
+                "structure that contains itself): write the values out",
+                mark,
+            )
+        self._repeated += size
+        self._composed += size
+        if self._repeated > MAX_ALIAS_NODES:
+            raise YamlRefused(
+                None,
+                None,
+                f"aliases (*name) repeat more than {MAX_ALIAS_NODES} values in all: write the "
+                "values out instead",
+                mark,
+            )
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, ArithmeticError) as exc:
+            tag = str(node.tag)
+            kind = tag.rsplit(":", 1)[-1] if tag.startswith("tag:yaml.org,2002:") else "its tag"
+            shown = _shown_repr(node.value) if isinstance(node, ScalarNode) else "this value"
+            raise ConstructorError(
+                None,
+                None,
+                f"cannot read {shown} as {kind}: invalid or far too large",
+                node.start_mark,
+            ) from exc
+
+
+def describe_yaml_error(exc: yaml.YAMLError) -> tuple[int, int, str]:
+    """(line, column, what happened) of a PyYAML error: 1-based, 0 when unknown.
+
+    PyYAML's own text quotes the document (its snippet, aliases, tags): only the problem and its
+    context are used, with secret-looking words redacted.
+    """
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = "; ".join(part for part in (exc.context, exc.problem) if part) or "syntax error"
+        what = _redacted_words(what)
+        if mark is None:
+            return 0, 0, what
+        return mark.line + 1, mark.column + 1, what
+    return 0, 0, _redacted_words(str(exc))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    line, column, what = describe_yaml_error(exc)
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return f"not valid YAML: {what}"
+    if not isinstance(exc, YamlRefused):
+        what = f"YAML syntax error: {what} (check indentation, colons and quotes around that point)"
+    return f"line {line}, column {column}: {what}" if line else what
+
+
 # ------------------------------------------------------------------------------ path and load
 
 
@@ -239,18 +460,29 @@ def resolve_config_path(cli_path: Optional[str], environ: Mapping[str, str]) -> 
     return DEFAULT_CONFIG_PATH
 
 
-def load_config(path: Path) -> Config:
+#: The largest configuration file read: far more than any real one.
+MAX_CONFIG_BYTES = 1 << 20
+#: An absolute first_sync_start later than now plus this is a typo.
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+def load_config(path: Path, *, now_at: Optional[datetime] = None) -> Config:
     """Read and validate the file at ``path``; ConfigError lists every problem found.
 
-    Relative paths inside it are taken relative to the file's own directory.
+    Relative paths inside it are taken relative to the file's own directory. The file must be
+    trusted (see :func:`slurm_tracker.files.read_trusted`): a symbolic link, a file another user
+    owns or can write, or one in a directory others can write is an UnsafeFile. ``now_at`` is
+    the real clock (default: now), against which a first_sync_start in the future is refused.
     """
     source = str(path)
     try:
-        raw = path.read_bytes()
+        raw = read_trusted(path, "configuration", limit=MAX_CONFIG_BYTES)
     except FileNotFoundError as exc:
-        raise ConfigError(
-            source, [f"{path} does not exist; {WHERE_CONFIG_IS_READ} (see config.example.yaml)"]
-        ) from exc
+        raise _missing(path) from exc
+    except UnsafeFile as exc:
+        if not os.path.lexists(path):  # its directory is missing: say what matters
+            raise _missing(path) from exc
+        raise
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
@@ -267,38 +499,47 @@ def load_config(path: Path) -> Config:
             source,
             [f"{path} is not UTF-8 text (bad byte at offset {exc.start}): save it as UTF-8"],
         ) from exc
-    config = config_from_text(text, source, base_dir=path.absolute().parent)
+    config = config_from_text(text, source, base_dir=path.absolute().parent, now_at=now_at)
     logger.debug("configuration read from %s", source)
     return config
 
 
-def config_from_text(text: str, source: str, *, base_dir: Optional[Path] = None) -> Config:
+def _missing(path: Path) -> ConfigError:
+    return ConfigError(
+        str(path), [f"{path} does not exist; {WHERE_CONFIG_IS_READ} (see config.example.yaml)"]
+    )
+
+
+def config_from_text(
+    text: str,
+    source: str,
+    *,
+    base_dir: Optional[Path] = None,
+    now_at: Optional[datetime] = None,
+) -> Config:
     """The configuration in ``text`` (``source`` names it in messages).
 
-    Relative paths are taken relative to ``base_dir``, else to the current directory.
+    Relative paths are taken relative to ``base_dir``, else to the current directory. ``now_at``
+    is the real clock (default: now).
     """
+    if now_at is None:
+        now_at = datetime.now(timezone.utc)
+    elif now_at.tzinfo is None or now_at.utcoffset() is None:
+        now_at = now_at.replace(tzinfo=timezone.utc)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        raise ConfigError(source, [_syntax_problem(exc)]) from exc
+        root = yaml.compose(text, Loader=GuardedLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
-    reader = _Reader(base_dir if base_dir is not None else Path.cwd())
-    config = reader.read(root, source)
+        raise ConfigError(source, [_yaml_problem(exc)]) from exc
+    except RecursionError as exc:  # the depth limit makes this unreachable; kept as a backstop
+        raise ConfigError(source, [_TOO_DEEP]) from exc
+    reader = _Reader(base_dir if base_dir is not None else Path.cwd(), now_at)
+    try:
+        config = reader.read(root, source)
+    except RecursionError as exc:
+        raise ConfigError(source, [_TOO_DEEP]) from exc
     if reader.problems or config is None:
         raise ConfigError(source, reader.sorted_problems())
     return config
-
-
-def _syntax_problem(exc: yaml.MarkedYAMLError) -> str:
-    mark = exc.problem_mark or exc.context_mark
-    what = "; ".join(part for part in (exc.context, exc.problem) if part) or "syntax error"
-    if mark is None:
-        return f"YAML syntax error: {what}"
-    return (
-        f"line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {what} "
-        "(check indentation, colons and quotes around that point)"
-    )
 
 
 # ------------------------------------------------------------------------- the node walker
@@ -315,13 +556,21 @@ _T = TypeVar("_T")
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _GLOB_CHARS = frozenset("*?[")
-_SECRET_KEYS = frozenset({"api_key", "apikey", "api-key", "api_token", "token", "pw_api_key"})
+_SECRET_KEYS = frozenset(
+    {"api_key", "apikey", "api_token", "token", "pw_api_key", "key", "secret", "password"}
+)
+_SECRET_WORDS = ("token", "secret", "password", "passwd")
 _SECRET_HELP = (
     "never put the API key in the configuration file: write it to a file only this user can "
     "read and name that file in api.api_key_file, or set $PW_API_KEY"
 )
 _LOOPBACK_HELP = "loopback hosts: 127.0.0.0/8, ::1, localhost"
 _MAX_ALLOCATION_NAME = 255  # the API's limit
+_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?)([MGTPmgtp]?)")
+_MEMORY_UNITS: Mapping[str, int] = {"": 1, "M": 1, "G": 1024, "T": 1024**2, "P": 1024**3}
+MAX_CLOCK_SKEW_S = 86400  # limits.clock_skew: at most a day
+_MAX_NUMBER_TEXT = 40  # digits; longer numbers are typos (and int() refuses > 4300 digits)
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 _MAX_CONCURRENCY = 32
 _ABSOLUTE_TIME = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
@@ -340,23 +589,37 @@ def _where(path: Where) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            shown = part if _PLAIN_KEY.match(part) else json.dumps(part, ensure_ascii=False)
+            shown = part if _PLAIN_KEY.match(part) and not looks_secret(part) else _quoted(part)
             out += f".{shown}" if out else shown
     return out or "the top level"
+
+
+def _is_secret_key(key: str) -> bool:
+    """A key meant to hold a secret (api_key, token, password...): refused, its value unshown."""
+    name = key.lower().replace("-", "_")
+    return name in _SECRET_KEYS or any(word in name for word in _SECRET_WORDS)
+
+
+def _utc_text(at: datetime) -> str:
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _line(node: Optional[Node]) -> int:
     return node.start_mark.line + 1 if node is not None else 0
 
 
-def _kind(node: Node) -> str:
-    """What a node holds, for "expected X, got Y" messages."""
+def _kind(node: Node, *, redact: bool = False) -> str:
+    """What a node holds, for "expected X, got Y" messages (``redact``: never its value)."""
     if isinstance(node, MappingNode):
         return "a mapping"
     if isinstance(node, SequenceNode):
         return "a list"
     value = str(node.value)
-    shown = value if len(value) <= 40 else value[:37] + "..."
+    hidden = redact or looks_secret(value)
+    if hidden:
+        shown = shown_value(value, redact=True)
+    else:
+        shown = value if len(value) <= 40 else value[:37] + "..."
     if node.tag == _NULL:
         return "nothing (an empty value)"
     if node.tag == _BOOL:
@@ -366,8 +629,8 @@ def _kind(node: Node) -> str:
     if node.tag == _TIMESTAMP:
         return f"a date ({shown})"
     if node.tag == _STR:
-        return f"text ({json.dumps(shown, ensure_ascii=False)})"
-    return f"a value tagged {node.tag}"
+        return f"text ({shown if hidden else json.dumps(shown, ensure_ascii=False)})"
+    return f"a value tagged {shown_value(str(node.tag), redact=redact)}"
 
 
 def _is_null(node: Optional[Node]) -> bool:
@@ -386,11 +649,17 @@ def _is_glob(name: str) -> bool:
     return any(char in _GLOB_CHARS for char in name)
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
+def is_loopback(host: str) -> bool:
+    """Whether plain http may go to ``host``: ``localhost``, 127.0.0.0/8 or ::1.
+
+    The one loopback test of the agent (the config and the API client both use it). Other
+    names, ``*.localhost`` included, are resolved by DNS or /etc/hosts and could point anywhere.
+    """
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
 
@@ -407,13 +676,17 @@ class _Entry:
 class _Reader:
     """Walks the composed document, building the Config and collecting every problem."""
 
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(self, base_dir: Path, now_at: datetime) -> None:
         self.base_dir = base_dir
+        self.now_at = now_at
         self.problems: list[tuple[int, str]] = []
+        self.flagged: set[int] = set()  # nodes already reported as holding an API key
 
     # -- reporting
 
     def add(self, path: Where, node: Optional[Node], message: str) -> None:
+        if node is not None and id(node) in self.flagged:
+            return  # reported once, as an API key: other checks would only echo it
         self.add_at(path, _line(node), message)
 
     def add_at(self, path: Where, line: int, message: str) -> None:
@@ -431,7 +704,10 @@ class _Reader:
         if root is None:
             self.add((), None, "the file is empty: start from config.example.yaml")
             return None
-        self.check_duplicates(root, (), set())
+        if not isinstance(root, MappingNode):
+            self.not_a_configuration(root)
+            return None
+        self.check_nodes(root, (), set())
         top = self.fields(root, (), CONFIG_KEYS[""])
         if top is None:
             return None
@@ -445,6 +721,7 @@ class _Reader:
         metadata_fields = self.metadata(top.get("metadata"))
         catalog_file = self.path_value(top.get("catalog_file"), ("catalog_file",))
         catalog = self.catalog(top.get("catalog"))
+        limits = self.limits(top.get("limits"))
         if catalog_file is not None and catalog is not None:
             self.add(
                 ("catalog",),
@@ -465,17 +742,46 @@ class _Reader:
             catalog_file=catalog_file,
             catalog=catalog,
             source=source,
+            limits=limits,
         )
 
-    def check_duplicates(self, node: Node, path: Where, seen: set[int]) -> None:
-        """Report keys given twice in any mapping (PyYAML would keep the last one silently)."""
-        if id(node) in seen:  # aliases share nodes; also stops on recursive structures
+    def not_a_configuration(self, root: Node) -> None:
+        """A file whose top level is not a mapping may be anything (an API key file, a private
+        key): say so without showing more than a redacted prefix of it."""
+        hint = ""
+        if isinstance(root, ScalarNode) and _API_KEY_WORD.search(str(root.value)):
+            hint = (
+                "; it looks like an API key: the key's file belongs in api.api_key_file, "
+                "never in --config"
+            )
+        self.add(
+            (),
+            root,
+            "not a slurm-tracker configuration (its top level is not a mapping): expected a "
+            f"mapping with keys {', '.join(CONFIG_KEYS[''])}; got {_kind(root, redact=True)}"
+            f"{hint}. Check which file is read: {WHERE_CONFIG_IS_READ}",
+        )
+
+    def check_nodes(self, node: Node, path: Where, seen: set[int]) -> None:
+        """Report keys given twice in any mapping (PyYAML would keep the last one silently), and
+        every value or key that looks like an API key (once, without showing it)."""
+        if id(node) in seen:  # aliases share nodes
             return
         seen.add(id(node))
-        if isinstance(node, MappingNode):
+        if isinstance(node, ScalarNode):
+            if _API_KEY_WORD.search(str(node.value)):
+                self.add(
+                    path,
+                    node,
+                    f"{_SECRET_HELP} (this value looks like one: {shown_value(str(node.value))})",
+                )
+                self.flagged.add(id(node))
+        elif isinstance(node, MappingNode):
             first_lines: dict[str, int] = {}
             for key_node, value_node in node.value:
                 key = str(key_node.value) if isinstance(key_node, ScalarNode) else None
+                child: PathPart = key if key is not None else "?"
+                self.check_nodes(key_node, (*path, child), seen)
                 if key is not None:
                     if key in first_lines:
                         self.add(
@@ -486,11 +792,22 @@ class _Reader:
                         )
                     else:
                         first_lines[key] = _line(key_node)
-                child: PathPart = key if key is not None else "?"
-                self.check_duplicates(value_node, (*path, child), seen)
+                self.check_nodes(value_node, (*path, child), seen)
         elif isinstance(node, SequenceNode):
             for index, item in enumerate(node.value):
-                self.check_duplicates(item, (*path, index), seen)
+                self.check_nodes(item, (*path, index), seen)
+
+    def holds_flagged(self, node: Node) -> bool:
+        """Whether ``node`` or a node inside it was reported as an API key."""
+        if id(node) in self.flagged:
+            return True
+        if isinstance(node, MappingNode):
+            return any(
+                self.holds_flagged(key) or self.holds_flagged(value) for key, value in node.value
+            )
+        if isinstance(node, SequenceNode):
+            return any(self.holds_flagged(item) for item in node.value)
+        return False
 
     # -- generic helpers (each returns None after recording a problem)
 
@@ -512,8 +829,9 @@ class _Reader:
                 self.add(path, key_node, f"a key must be a name, not {_kind(key_node)}")
                 continue
             key = str(key_node.value)
-            if key.lower() in _SECRET_KEYS:
-                self.add((*path, key), key_node, _SECRET_HELP)
+            if _is_secret_key(key):
+                if not self.holds_flagged(value_node):  # else reported where the key is
+                    self.add((*path, key), key_node, _SECRET_HELP)
             elif key_node.tag == _MERGE:
                 self.add(
                     (*path, key),
@@ -543,7 +861,7 @@ class _Reader:
         return str(node.value)
 
     def name(self, node: Node, path: Where, what: str) -> Optional[str]:
-        """A non-empty name without surrounding blanks."""
+        """A non-empty name without surrounding blanks or control characters."""
         value = self.text(node, path, what)
         if value is None:
             return None
@@ -551,8 +869,13 @@ class _Reader:
             self.add(path, node, f"{what} is empty")
             return None
         if value != value.strip():
+            self.add(path, node, f"{what} {_quoted(value)} starts or ends with blanks: remove them")
+            return None
+        if any(unicodedata.category(char) == "Cc" for char in value):
             self.add(
-                path, node, f"{what} {json.dumps(value)} starts or ends with blanks: remove them"
+                path,
+                node,
+                f"{what} {_quoted(value)} contains a control character (a tab, a newline, NUL...)",
             )
             return None
         return value
@@ -566,10 +889,18 @@ class _Reader:
         if not isinstance(node, ScalarNode) or node.tag != _INT:
             self.add(path, node, f"expected a whole number; got {_kind(node)}")
             return default
-        value = _construct(node)
-        assert isinstance(value, int)
+        limits = f"from {low} to {high}" if high is not None else f"at least {low}"
+        if len(str(node.value)) > _MAX_NUMBER_TEXT:
+            self.add(path, node, f"must be {limits}; got a number of {len(node.value)} digits")
+            return default
+        try:
+            value = _construct(node)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, int):
+            self.add(path, node, f"expected a whole number; got {_kind(node)}")
+            return default
         if value < low or (high is not None and value > high):
-            limits = f"from {low} to {high}" if high is not None else f"at least {low}"
             self.add(path, node, f"must be {limits}; got {value}")
             return default
         return value
@@ -582,11 +913,44 @@ class _Reader:
         if not isinstance(node, ScalarNode) or node.tag not in (_INT, _FLOAT):
             self.add(path, node, f"expected a number; got {_kind(node)}")
             return default
-        value = float(_construct(node))  # type: ignore[arg-type]
+        value = math.nan
+        if len(str(node.value)) <= _MAX_NUMBER_TEXT:
+            try:
+                value = float(cast("Union[int, float]", _construct(node)))
+            except (yaml.YAMLError, TypeError, ValueError, OverflowError):
+                value = math.nan
         if not math.isfinite(value) or value < 0:
-            self.add(path, node, f"must be a finite number, 0 or more; got {node.value}")
+            self.add(
+                path,
+                node,
+                f"must be a finite number, 0 or more; got {shown_value(str(node.value))}",
+            )
             return default
         return value
+
+    def decimal(self, entry: Optional[_Entry], path: Where, default: Decimal) -> Decimal:
+        """A finite number >= 0, exactly as written (2.5 is Decimal("2.5"), not a float)."""
+        if entry is None:
+            return default
+        node = entry.value
+        help_text = "write a number such as 1000000 or 2500.5"
+        if not isinstance(node, ScalarNode) or node.tag not in (_INT, _FLOAT, _STR):
+            self.add(path, node, f"expected a number; got {_kind(node)}; {help_text}")
+            return default
+        text = str(node.value).strip().replace("_", "")
+        number: Optional[Decimal] = None
+        if len(text) <= _MAX_NUMBER_TEXT and _PLAIN_NUMBER.fullmatch(text):
+            try:
+                number = Decimal(text)
+            except InvalidOperation:
+                number = None
+        if number is None:
+            self.add(path, node, f"expected a number; got {_kind(node)}; {help_text}")
+            return default
+        if number < 0:
+            self.add(path, node, f"must be 0 or more; got {shown_value(text)}")
+            return default
+        return number
 
     def duration(self, entry: Optional[_Entry], path: Where, minimum: int) -> Optional[int]:
         """Seconds; None when absent or after a problem (callers keep the default)."""
@@ -605,7 +969,7 @@ class _Reader:
             return None
         if seconds < minimum:
             least = "more than 0" if minimum == 1 else f"at least {format_duration(minimum)}"
-            self.add(path, node, f"must be {least}; got {node.value}")
+            self.add(path, node, f"must be {least}; got {shown_value(str(node.value))}")
             return None
         return seconds
 
@@ -633,16 +997,65 @@ class _Reader:
                 "(used in event keys when sacct gives none)",
             )
             return None
-        value = self.name(entry.value, ("cluster",), "the cluster name")
-        if value is not None and (":" in value or any(char.isspace() for char in value)):
+        return self.cluster_name(entry.value, ("cluster",))
+
+    def cluster_name(self, node: Node, path: Where) -> Optional[str]:
+        """A Slurm cluster name: no blanks, ':' (event keys) or ',' (sacct --clusters lists)."""
+        value = self.name(node, path, "the cluster name")
+        if value is None:
+            return None
+        if any(char in ":," or char.isspace() for char in value):
             self.add(
-                ("cluster",),
-                entry.value,
-                f"the cluster name {json.dumps(value)} must not contain blanks or ':' "
-                "(it is part of event keys)",
+                path,
+                node,
+                f"the cluster name {_quoted(value)} must not contain blanks, ':' or ',' "
+                "(it is part of event keys and of sacct's --clusters list)",
             )
             return None
+        if value.lower() in ("all", "-1"):
+            self.add(
+                path,
+                node,
+                f"{_quoted(value)} is not a cluster name: to sacct, --clusters={value} means "
+                "every cluster; list each cluster this agent bills by its name",
+            )
+            return None
+        if value.startswith("-"):
+            self.add(path, node, f"the cluster name {_quoted(value)} must not start with '-'")
+            return None
         return value
+
+    def clusters(self, entry: Optional[_Entry], path: Where) -> tuple[str, ...]:
+        """sacct.clusters: the clusters billed, which the agent passes as --clusters=a,b."""
+        if entry is None or _is_null(entry.value):
+            return ()
+        node = entry.value
+        if not isinstance(node, SequenceNode):
+            self.add(
+                path,
+                node,
+                f"expected a list of cluster names, e.g. [hpc1, hpc2]; got {_kind(node)}",
+            )
+            return ()
+        out: list[str] = []
+        first_lines: dict[str, int] = {}
+        ok = True
+        for index, item in enumerate(node.value):
+            value = self.cluster_name(item, (*path, index))
+            if value is None:
+                ok = False
+            elif value in first_lines:
+                self.add(
+                    (*path, index),
+                    item,
+                    f"{_quoted(value)} is listed twice (also at line {first_lines[value]}): "
+                    "remove one",
+                )
+                ok = False
+            else:
+                first_lines[value] = _line(item)
+                out.append(value)
+        return tuple(out) if ok else ()
 
     def api(self, entry: Optional[_Entry]) -> ApiConfig:
         path: Where = ("api",)
@@ -705,7 +1118,7 @@ class _Reader:
             host = parts.hostname
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
-            self.add(path, node, f"not a valid URL: {exc}")
+            self.add(path, node, f"not a valid URL: {_redacted_words(str(exc))}")
             return None
         problems = []
         scheme = parts.scheme.lower()
@@ -720,10 +1133,10 @@ class _Reader:
             )
         if parts.query or parts.fragment:
             problems.append("must not have a query (?...) or fragment (#...)")
-        if scheme == "http" and host and not _is_loopback(host):
+        if scheme == "http" and host and not is_loopback(host):
             problems.append(
-                f"must use https:// for {host}: plain http would send the API key in clear "
-                f"text (http is allowed only to {_LOOPBACK_HELP})"
+                f"must use https:// for {shown_value(host)}: plain http would send the API key "
+                f"in clear text (http is allowed only to {_LOOPBACK_HELP})"
             )
         for problem in problems:
             self.add(path, node, problem)
@@ -754,6 +1167,7 @@ class _Reader:
             backfill_chunk_s=seconds("backfill_chunk", 1, defaults.backfill_chunk_s),
             backfill_pause_s=seconds("backfill_pause", 0, defaults.backfill_pause_s),
             file_timezone=self.timezone(fields.get("file_timezone"), defaults.file_timezone),
+            clusters=self.clusters(fields.get("clusters"), (*path, "clusters")),
         )
 
     def first_sync(
@@ -776,16 +1190,30 @@ class _Reader:
         if _ABSOLUTE_TIME.fullmatch(value):
             try:
                 parsed = isoparse(value.upper())
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=timezone.utc)
+                start_at = parsed.astimezone(timezone.utc)
             except (ValueError, OverflowError) as exc:
-                self.add(path, node, f"not a valid time {json.dumps(value)}: {exc}")
+                self.add(
+                    path,
+                    node,
+                    f"not a valid time {_quoted(value)}: {_redacted_words(str(exc))}",
+                )
                 return fallback
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=timezone.utc)
-            return parsed.astimezone(timezone.utc), defaults.first_sync_lookback_s
+            if start_at > self.now_at + FUTURE_TOLERANCE:
+                self.add(
+                    path,
+                    node,
+                    f"{_utc_text(start_at)} is in the future (it is now {_utc_text(self.now_at)})"
+                    ": a typo? the agent would bill nothing until then; give a time in the past "
+                    "or a look-back such as 1d",
+                )
+                return fallback
+            return start_at, defaults.first_sync_lookback_s
         try:
             lookback = parse_duration(value)
         except ValueError:
-            self.add(path, node, f"neither a time nor a duration: {json.dumps(value)}; {help_text}")
+            self.add(path, node, f"neither a time nor a duration: {_quoted(value)}; {help_text}")
             return fallback
         if lookback < 1:
             self.add(path, node, f"a look-back must be more than 0; {help_text}")
@@ -800,20 +1228,21 @@ class _Reader:
             self.add(
                 path,
                 node,
-                f"expected a list of sacct options, e.g. [--clusters=hpc1]; got {_kind(node)}",
+                f"expected a list of sacct options, e.g. [--partition=compute]; got {_kind(node)}",
             )
             return ()
         args: list[str] = []
-        nodes: list[Node] = []
+        items: list[tuple[int, Node]] = []  # (index in the file's list, node) of each arg
         for index, item in enumerate(node.value):
             value = self.text(item, (*path, index), "one sacct option as text")
             if value is not None:
                 args.append(value)
-                nodes.append(item)
+                items.append((index, item))
         problems = sacct_arg_problems(args)
-        for index, message in problems:
-            self.add((*path, index), nodes[index], message)
-        return () if problems else tuple(args)
+        for position, message in problems:
+            index, item = items[position]
+            self.add((*path, index), item, message)
+        return () if problems or len(args) < len(node.value) else tuple(args)
 
     def timezone(self, entry: Optional[_Entry], default: str) -> str:
         if entry is None:
@@ -830,11 +1259,69 @@ class _Reader:
             self.add(
                 path,
                 entry.value,
-                f"unknown time zone {json.dumps(value)}: use an IANA name such as UTC, "
+                f"unknown time zone {_quoted(value)}: use an IANA name such as UTC, "
                 "Europe/Berlin or America/Chicago (is the tzdata package installed?)",
             )
             return default
         return value
+
+    def limits(self, entry: Optional[_Entry]) -> Limits:
+        """Plausibility limits: counts per run, memory per run, clock skew, the hold ceiling."""
+        path: Where = ("limits",)
+        fields = self.fields(entry.value if entry else None, path, CONFIG_KEYS["limits"]) or {}
+        defaults = Limits()
+
+        def count(key: str, default: int) -> int:
+            return self.integer(fields.get(key), (*path, key), 1, None, default)
+
+        skew = self.duration(fields.get("clock_skew"), (*path, "clock_skew"), 0)
+        if skew is not None and skew > MAX_CLOCK_SKEW_S:
+            self.add(
+                (*path, "clock_skew"),
+                fields["clock_skew"].value,
+                f"must be at most {format_duration(MAX_CLOCK_SKEW_S)}; got "
+                f"{format_duration(skew)}: clocks that far apart need fixing (NTP), not a "
+                "tolerance",
+            )
+            skew = None
+        return Limits(
+            max_cpus=count("max_cpus", defaults.max_cpus),
+            max_gpus=count("max_gpus", defaults.max_gpus),
+            max_nodes=count("max_nodes", defaults.max_nodes),
+            max_mem_mb=self.memory(fields.get("max_memory"), (*path, "max_memory"))
+            or defaults.max_mem_mb,
+            clock_skew_s=skew if skew is not None else defaults.clock_skew_s,
+            hold_above=self.decimal(
+                fields.get("hold_above"), (*path, "hold_above"), defaults.hold_above
+            ),
+        )
+
+    def memory(self, entry: Optional[_Entry], path: Where) -> Optional[int]:
+        """An amount of memory in MiB: 65536, or a number with a unit, 512G, 4T, 64P."""
+        if entry is None:
+            return None
+        node = entry.value
+        help_text = (
+            "write MiB as a whole number (65536) or a number with a unit M, G, T or P "
+            "(units of 1024, as Slurm prints them): 512G, 1.5T, 64P"
+        )
+        if not isinstance(node, ScalarNode) or node.tag not in (_STR, _INT, _FLOAT):
+            self.add(path, node, f"expected an amount of memory; got {_kind(node)}; {help_text}")
+            return None
+        text = str(node.value).strip()
+        match = _MEMORY.fullmatch(text) if len(text) <= _MAX_NUMBER_TEXT else None
+        if match is None:
+            self.add(path, node, f"not an amount of memory: {_quoted(text)}; {help_text}")
+            return None
+        number, unit = match.groups()
+        if not unit and "." in number:
+            self.add(path, node, f"a fraction of a MiB ({_quoted(text)}); {help_text}")
+            return None
+        mib = int(Decimal(number) * _MEMORY_UNITS[unit.upper()])
+        if mib < 1:
+            self.add(path, node, f"must be at least 1M; got {_quoted(text)}")
+            return None
+        return mib
 
     def accounts(self, entry: Optional[_Entry]) -> AccountMapping:
         exact, patterns, default, ignore = self.name_map(
@@ -925,7 +1412,7 @@ class _Reader:
                 self.add(
                     (*path, index),
                     item,
-                    f"{json.dumps(value)} is listed twice (also at line "
+                    f"{_quoted(value)} is listed twice (also at line "
                     f"{first_lines[value]}): remove one",
                 )
                 continue
@@ -934,17 +1421,17 @@ class _Reader:
                 self.add(
                     (*path, index),
                     item,
-                    f"{json.dumps(value)} is both ignored here and mapped at line "
+                    f"{_quoted(value)} is both ignored here and mapped at line "
                     f"{mapped[value]}: remove it from one of the two",
                 )
                 continue
             clashes = [key for key in mapped if not _is_glob(key) and fnmatchcase(key, value)]
             if clashes:
-                shown = ", ".join(f"{json.dumps(key)} (line {mapped[key]})" for key in clashes)
+                shown = ", ".join(f"{_quoted(key)} (line {mapped[key]})" for key in clashes)
                 self.add(
                     (*path, index),
                     item,
-                    f"the pattern {json.dumps(value)} ignores {what}s that are mapped: "
+                    f"the pattern {_quoted(value)} ignores {what}s that are mapped: "
                     f"{shown}; ignoring wins, so narrow the pattern or remove the mapping",
                 )
                 continue
@@ -981,8 +1468,8 @@ class _Reader:
                 self.add(
                     item_path,
                     item,
-                    f"SKU {charge.sku} is charged twice for the same runs (also at line "
-                    f"{first_lines[charge.sku]}): their events would share one event key",
+                    f"SKU {shown_value(charge.sku)} is charged twice for the same runs (also "
+                    f"at line {first_lines[charge.sku]}): their events would share one event key",
                 )
                 ok = False
                 continue
@@ -1031,7 +1518,7 @@ class _Reader:
             self.add(
                 path,
                 node,
-                f"the SKU code {json.dumps(value)} contains blanks: SKU codes "
+                f"the SKU code {_quoted(value)} contains blanks: SKU codes "
                 "are single words like SLURM_CPU_HOUR",
             )
             return None
@@ -1047,7 +1534,7 @@ class _Reader:
         self.add(
             path,
             node,
-            f"unknown metric {json.dumps(value)}; {_did_you_mean(value, METRICS)}",
+            f"unknown metric {_quoted(value)}; {_did_you_mean(value, METRICS)}",
         )
         return None
 
@@ -1072,7 +1559,7 @@ class _Reader:
                 self.add(
                     (*list_path, index),
                     item,
-                    f"unknown job field {json.dumps(value)}; "
+                    f"unknown job field {_quoted(value)}; "
                     f"{_did_you_mean(value, list(METADATA_FIELDS))}",
                 )
             elif value in out:
@@ -1096,13 +1583,9 @@ class _Reader:
             return None
         try:
             data = _construct(node)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark is not None else _line(node)
-            self.add_at(("catalog",), line, f"cannot be read: {exc.problem or exc}")
-            return None
         except yaml.YAMLError as exc:
-            self.add(("catalog",), node, f"cannot be read: {exc}")
+            line, _, what = describe_yaml_error(exc)
+            self.add_at(("catalog",), line or _line(node), f"cannot be read: {what}")
             return None
         if not isinstance(data, dict) or not all(isinstance(key, str) for key in data):
             self.add(("catalog",), node, "the catalog's keys must be names")
@@ -1111,15 +1594,31 @@ class _Reader:
 
 
 def _construct(node: Node) -> object:
-    """The Python value of a node, built by PyYAML's safe constructor (no arbitrary objects)."""
-    return SafeConstructor().construct_document(node)
+    """The Python value of a node, built by PyYAML's safe constructor (no arbitrary objects);
+    a value that cannot be built is a ConstructorError (see GuardedLoader)."""
+    return GuardedLoader("").construct_document(node)
 
 
 # ---------------------------------------------------------------------- sacct extra arguments
+# An ALLOW-list: sacct.extra_args may only narrow which jobs are read (by account, partition,
+# QOS, user, group, WCKey, node or constraint). Anything else could read other clusters' jobs,
+# change the output the agent parses, or move the window, and is refused with the reason.
 
-# sacct's options (getopt_long, Slurm 20.11 to 25.11): short options that take a value, and
-# long options by whether they take one. Long options may be abbreviated to any unique prefix.
-_SACCT_SHORT_WITH_VALUE = frozenset("ACEfFgiIjkKMNoqrRsSuWx")
+#: Allowed long options (full names only), each taking a value.
+_SACCT_ALLOWED_LONG = frozenset(
+    {"accounts", "partition", "qos", "user", "uid", "gid", "group", "wckeys", "nodelist",
+     "constraints"}
+)  # fmt: skip
+#: Allowed short options, each taking a value (-A physics, -Aphysics).
+_SACCT_ALLOWED_SHORT = frozenset("ArqugWN")
+SACCT_ALLOWED_HELP = (
+    "sacct.extra_args may only narrow which jobs are read: --accounts (-A), --partition (-r), "
+    "--qos (-q), --user (-u), --uid, --gid or --group (-g), --wckeys (-W), --nodelist (-N) "
+    "and --constraints, each with a value (--partition=compute, or in the next item)"
+)
+
+# sacct's options (getopt_long, Slurm 20.11 to 25.11), to recognise the refused ones and their
+# values: long options by whether they take a value.
 _SACCT_LONG_WITH_VALUE = frozenset(
     {
         "accounts", "associations", "cluster", "clusters", "constraints", "delimiter",
@@ -1137,17 +1636,23 @@ _SACCT_LONG_OTHER = frozenset(
     }
 )  # fmt: skip
 _SACCT_LONG = _SACCT_LONG_WITH_VALUE | _SACCT_LONG_OTHER
+_SACCT_SHORT_WITH_VALUE = frozenset("ACEfFgiIjkKMNoqrRsSuWx")
 
-# Options the agent sets itself or that would break what it reads: (long names, short letters,
-# why). Each message says why, so an admin knows what to do instead.
-_SACCT_CONFLICTS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+_USE_CLUSTERS = (
+    "it changes which clusters' jobs are read, and another cluster's jobs would be billed by "
+    "this agent: use sacct.clusters to bill several clusters (the agent passes --clusters itself)"
+)
+# Refused options with a specific reason: (long names, short letters, why).
+_SACCT_REFUSED: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("clusters", "cluster", "allclusters", "federation", "local"), "ML", _USE_CLUSTERS),
     (("format", "fields"), "o",
      "the agent chooses the fields it reads; other fields would break parsing"),
-    (("parsable", "parsable2", "delimiter", "json", "yaml", "noheader", "long", "brief"),
+    (("parsable", "parsable2", "delimiter", "json", "yaml", "noheader", "long", "brief",
+      "units", "noconvert"),
      "pPnlb", "the agent chooses the output format it parses"),
     (("starttime", "endtime"), "SE",
      "the agent sets the time window itself (from the last sync, the overlap and the lag)"),
-    (("allocations", "duplicates"), "XDt", "the agent already passes it"),
+    (("allocations", "duplicates", "allusers"), "XDa", "the agent already passes it"),
     (("state",), "s",
      "with --state, sacct selects jobs by the state they were in during the window instead "
      "of the jobs that ran in it, so usage would be missed"),
@@ -1158,71 +1663,115 @@ _SACCT_CONFLICTS: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "it cuts start and end times at the window's edges, which changes elapsed times and "
      "would bill runs wrongly"),
     (("completion",), "c", "it reads the job completion log instead of the accounting database"),
+    (("file",), "f",
+     "it reads a file instead of the accounting database; use `sync --sacct-file` to bill "
+     "a saved capture"),
     (("help", "helpformat", "help-fields", "usage", "version", "batch-script", "env-vars"),
      "heUVB", "it prints something other than job records"),
 )  # fmt: skip
 
 
-def _sacct_conflict_long(name: str) -> Optional[str]:
-    for names, _, why in _SACCT_CONFLICTS:
+def _sacct_refusal_long(name: str) -> str:
+    for names, _, why in _SACCT_REFUSED:
         if name in names:
             return why
-    return None
+    return f"it is not on the allow-list; {SACCT_ALLOWED_HELP}"
 
 
-def _sacct_conflict_short(letter: str) -> Optional[str]:
-    for _, letters, why in _SACCT_CONFLICTS:
+def _sacct_refusal_short(letter: str) -> str:
+    for _, letters, why in _SACCT_REFUSED:
         if letter in letters:
             return why
+    if letter == "C":
+        return "write its full name, --constraints"
+    return f"it is not on the allow-list; {SACCT_ALLOWED_HELP}"
+
+
+def _sacct_value_problem(option: str, value: Optional[str]) -> Optional[str]:
+    """Why ``value`` cannot be the value of the allowed ``option``; None when it can."""
+    usage = (
+        f"{option}=VALUE or {option} VALUE as two items"
+        if option.startswith("--")
+        else f"{option}VALUE or {option} VALUE as two items"
+    )
+    if value is None:
+        return f"{option} needs a value: write {usage}"
+    if not value.strip():
+        return f"{option} needs a value, got an empty one: write {usage}"
+    if value.startswith("-"):
+        return f"{option} needs a value, but {_quoted(value)} looks like an option: write {usage}"
+    if value != value.strip() or any(unicodedata.category(c) == "Cc" for c in value):
+        return f"the value {_quoted(value)} of {option} has blanks around it or control characters"
     return None
 
 
 def sacct_arg_problems(args: Sequence[str]) -> list[tuple[int, str]]:
-    """(index, message) for each extra sacct argument that clashes with the agent's own."""
+    """(index, message) for each extra sacct argument that is not allowed.
+
+    Only the options of SACCT_ALLOWED_HELP are allowed, by their full names, each with its value
+    (``--partition=compute``, ``--partition compute``, ``-r compute`` or ``-rcompute``).
+    Every other item is refused with the reason and what to do instead.
+    """
     problems: list[tuple[int, str]] = []
     index = 0
     while index < len(args):
         arg = args[index]
-        takes_next = False
+        following = args[index + 1] if index + 1 < len(args) else None
         problem: Optional[str] = None
+        skip_next = False
         if arg in ("", "-", "--"):
-            problem = f"{json.dumps(arg)} is not a sacct option: remove it"
+            problem = f"{_quoted(arg)} is not a sacct option: remove it"
         elif arg.startswith("--"):
-            name, has_value, _ = arg[2:].partition("=")
-            candidates = (
-                [name]
-                if name in _SACCT_LONG
-                else sorted(option for option in _SACCT_LONG if option.startswith(name))
-            )
-            clashing = [option for option in candidates if _sacct_conflict_long(option)]
-            if clashing:
-                option = clashing[0]
-                shown = f"--{option}" if option == name else f"--{name} (short for --{option})"
-                problem = (
-                    f"{shown} conflicts with the agent's own sacct options: "
-                    f"{_sacct_conflict_long(option)}"
-                )
-            if not has_value and len(candidates) == 1:
-                takes_next = candidates[0] in _SACCT_LONG_WITH_VALUE
-            elif not has_value and clashing:
-                takes_next = clashing[0] in _SACCT_LONG_WITH_VALUE
-        elif arg.startswith("-"):
-            letters = arg[1:]
-            for position, letter in enumerate(letters):
-                why = _sacct_conflict_short(letter)
-                if why is not None and problem is None:
+            name, has_value, value = arg[2:].partition("=")
+            shown = f"--{shown_value(name)}"
+            if name in _SACCT_ALLOWED_LONG:
+                if has_value:
+                    problem = _sacct_value_problem(f"--{name}", value)
+                else:
+                    problem = _sacct_value_problem(f"--{name}", following)
+                    skip_next = problem is None
+            elif name in _SACCT_LONG:
+                problem = f"{shown} is refused: {_sacct_refusal_long(name)}"
+                skip_next = not has_value and name in _SACCT_LONG_WITH_VALUE
+            else:
+                known = sorted(option for option in _SACCT_LONG if name and option.startswith(name))
+                allowed = [option for option in known if option in _SACCT_ALLOWED_LONG]
+                if len(allowed) == 1 and len(known) == 1:
                     problem = (
-                        f"-{letter} (in {arg}) conflicts with the agent's own sacct options: {why}"
+                        f"{shown} is an abbreviation: write the full name --{allowed[0]} "
+                        "(abbreviations are refused: they may name another option in another "
+                        "Slurm version)"
                     )
-                if letter in _SACCT_SHORT_WITH_VALUE:  # the rest of the item is its value
-                    takes_next = position == len(letters) - 1
-                    break
+                    skip_next = not has_value
+                elif known:
+                    problem = (
+                        f"{shown} is an abbreviation (of --{', --'.join(known)}): abbreviations "
+                        f"are refused; {SACCT_ALLOWED_HELP}"
+                    )
+                else:
+                    problem = (
+                        f"{shown} is not an option sacct.extra_args allows; {SACCT_ALLOWED_HELP}"
+                    )
+        elif arg.startswith("-"):
+            letter, rest = arg[1], arg[2:]
+            if letter in _SACCT_ALLOWED_SHORT:
+                if rest:
+                    problem = _sacct_value_problem(f"-{letter}", rest)
+                else:
+                    problem = _sacct_value_problem(f"-{letter}", following)
+                    skip_next = problem is None
+            else:
+                problem = (
+                    f"-{shown_value(letter)} (in {shown_value(arg)}) is refused: "
+                    f"{_sacct_refusal_short(letter)}"
+                )
+                skip_next = not rest and letter in _SACCT_SHORT_WITH_VALUE
         else:
             problem = (
-                f"{json.dumps(arg)} is not an option: give each option as its own item, "
-                "with its value after '=' (--clusters=hpc1) or in the next item"
+                f"{_quoted(arg)} is not an option: give each option as its own item, "
+                "with its value after '=' (--partition=compute) or in the next item"
             )
         if problem is not None:
             problems.append((index, problem))
-        index += 2 if takes_next else 1
+        index += 2 if skip_next else 1
     return problems

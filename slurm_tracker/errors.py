@@ -46,7 +46,17 @@ class ApiUnavailable(TemporaryFailure):
 
 
 class StateError(TrackerError):
-    """The state file is corrupt, from a newer version, or cannot be opened."""
+    """The state file is corrupt, foreign, from a newer version, or cannot be opened."""
+
+
+class StateUnavailable(TemporaryFailure):
+    """The state file cannot be written right now (disk full, read-only file system, I/O
+    error): nothing is lost, the next run continues where this one stopped."""
+
+
+class UnsafeFile(TrackerError):
+    """A file or directory the agent trusts (state, lock, catalog, config, API key) could be
+    changed by another user, is a symbolic link, or is not a regular file."""
 
 
 class ApiError(TrackerError):

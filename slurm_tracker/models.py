@@ -6,6 +6,7 @@ All datetimes are timezone-aware UTC and named ``*_at``; durations are integer s
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -89,11 +90,22 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A malformed input record: counted, shown, never billed, never fatal."""
+    """A malformed or implausible record: counted, shown, quarantined, never billed, never
+    fatal. ``run`` and ``job_id`` are set when the record's identity could be read."""
 
     line: int
     reason: str
     text: str = ""
+    job_id: str = ""
+    run: Optional[RunKey] = None
+
+    @property
+    def key(self) -> str:
+        """Its quarantine key: the run when known (a later sane record of it resolves the
+        entry), else a digest of the record's text."""
+        if self.run is not None:
+            return self.run.text
+        return "record:" + hashlib.sha256(self.text.encode("utf-8", "replace")).hexdigest()[:24]
 
 
 @dataclass(frozen=True)

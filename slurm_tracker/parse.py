@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 from .errors import InputError
-from .models import JobRecord, ParseResult, Rejected, Tres
-from .sacct import LIVE_DELIMITER, LIVE_FIELDS
+from .models import JobRecord, ParseResult, Rejected, RunKey, Tres
+from .sacct import CAPTURE_DELIMITER, LIVE_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,16 @@ def _snippet(text: str) -> str:
 
 
 def _header_layout(line: str) -> Optional[_Layout]:
-    for delimiter in (LIVE_DELIMITER, "|", "\t"):
+    """The layout a header line announces: our capture delimiter, ``|``, a tab, or any other
+    delimiter (e.g. a random one, as the live query uses) found between the first two names."""
+    first = _NAME_RE.match(line)
+    guessed = []
+    if first is not None:
+        rest = line[first.end() :]
+        guessed = [rest[:size] for size in range(1, min(len(rest), 64) + 1)]
+    for delimiter in (CAPTURE_DELIMITER, "|", "\t", *guessed):
+        if not delimiter.strip() and delimiter != "\t":
+            continue
         cells = line.split(delimiter)
         trailing = len(cells) > 1 and cells[-1] == ""
         if trailing:
@@ -354,7 +363,7 @@ def _headerless_layout(body: bytes, names: tuple[str, ...]) -> _Layout:
         if line.strip()
     ]
     first = lines[0] if lines else ""
-    delimiter = next((d for d in (LIVE_DELIMITER, "|", "\t") if d in first), "|")
+    delimiter = next((d for d in (CAPTURE_DELIMITER, "|", "\t") if d in first), "|")
     ending = [line for line in lines if line.endswith(delimiter)]
     trailing = len(ending) * 2 > len(lines) and len(ending[0].split(delimiter)) >= len(names) + 1
     return _Layout(names, delimiter, trailing)
@@ -475,7 +484,7 @@ def _parse_parsable(
         raise InputError(
             f"{source}: the sacct output lacks the column(s) {', '.join(missing)}, which "
             "billing needs. Save it with: sacct --allusers --allocations --duplicates --parsable "
-            f"--delimiter='{LIVE_DELIMITER}' --format={','.join(LIVE_FIELDS)} "
+            f"--delimiter='{CAPTURE_DELIMITER}' --format={','.join(LIVE_FIELDS)} "
             "(or use sacct --json)"
         )
     body = data[body_start:]
@@ -486,28 +495,65 @@ def _parse_parsable(
     for offset, raw, problem in _split_records(body, layout):
         line_no += body.count(b"\n", counted_to, offset)
         counted_to = offset
-        text = raw.decode("utf-8", "replace")
-        if problem is not None:
-            rejected.append(Rejected(line_no, problem, _snippet(text)))
-            continue
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            rejected.append(
-                Rejected(line_no, f"record is not valid UTF-8 (byte {exc.start})", _snippet(text))
-            )
-            continue
-        try:
-            row = _row(text, layout)
-            record = _record_from_row(row, line=line_no, cluster=cluster, tz=tz)
-        except _Bad as exc:
-            rejected.append(Rejected(line_no, str(exc), _snippet(text)))
-            continue
-        if record is None:
+        outcome = _read_record(raw, layout, problem, line=line_no, cluster=cluster, tz=tz)
+        if isinstance(outcome, Rejected):
+            rejected.append(outcome)
+        elif outcome is None:
             steps += 1
         else:
-            records.append(record)
+            records.append(outcome)
     return _result(source, records, rejected, steps)
+
+
+def _read_record(
+    raw: bytes,
+    layout: _Layout,
+    problem: Optional[str],
+    *,
+    line: int,
+    cluster: str,
+    tz: tzinfo,
+) -> Union[JobRecord, Rejected, None]:
+    """One parsable record: a JobRecord, None for a step, or a Rejected; never raises.
+
+    Free-text fields (job names...) may hold any bytes: they are decoded leniently, so that a
+    user cannot get a record rejected (and so not billed) by naming a job with bad UTF-8.
+    """
+    text = raw.decode("utf-8", "replace")
+    if problem is not None:
+        return Rejected(line, problem, _snippet(text))
+    row: dict[str, str] = {}
+    try:
+        row = _row(text, layout)
+        bad = [
+            name
+            for name, value in row.items()
+            if "\ufffd" in value and name not in FREE_TEXT_FIELDS
+        ]
+        if bad:
+            raise _Bad(f"field {bad[0]} is not valid UTF-8")
+        return _record_from_row(row, line=line, cluster=cluster, tz=tz)
+    except _Bad as exc:
+        reason = str(exc)
+    except Exception as exc:  # a corrupt record must never stop the run
+        logger.debug("line %d: unexpected failure reading a record", line, exc_info=True)
+        reason = f"cannot be read ({type(exc).__name__}: {_snippet(str(exc))})"
+    job_id, run = _row_identity(row, cluster, tz)
+    return Rejected(line, reason, _snippet(text), job_id=job_id, run=run)
+
+
+def _row_identity(row: Mapping[str, str], cluster: str, tz: tzinfo) -> tuple[str, Optional[RunKey]]:
+    """The job id and run of a row, as far as they can be read (for the quarantine)."""
+    raw_id = row.get("JobIDRaw", "").strip() or row.get("JobID", "").strip()
+    job_id = row.get("JobID", "").strip() or raw_id
+    try:
+        parse_job_id(raw_id)
+        submit_at = parse_time(row.get("Submit", ""), tz)
+    except (ValueError, OverflowError):
+        return _snippet(job_id), None
+    if submit_at is None:
+        return _snippet(job_id), None
+    return job_id, RunKey(row.get("Cluster", "").strip() or cluster, raw_id, submit_at)
 
 
 def _result(
@@ -624,6 +670,79 @@ def _optional_count(value: str, name: str) -> int:
     return _count(name, stripped) if stripped else 0
 
 
+# --- the live query --------------------------------------------------------------------------
+
+
+def parse_live(
+    data: bytes, *, delimiter: str, fields: Sequence[str], cluster: str, source: str
+) -> ParseResult:
+    """Parse the output of the live query (sacct.build_command with ``delimiter``, ``fields``).
+
+    Strict, because the delimiter is unpredictable (see sacct.new_delimiter): the first line
+    must be exactly the header asked for, every record ends with the delimiter and a newline and
+    has exactly ``len(fields)`` fields. A record that does not is rejected (quarantined), never
+    repaired. Raises InputError when the header is not the one asked for.
+    """
+    mark = delimiter.encode()
+    header = mark.join(f.encode() for f in fields) + mark + b"\n"
+    if not data.startswith(header):
+        raise InputError(
+            f"{source}: the output does not start with the header of the query "
+            f"({len(fields)} fields and the delimiter asked for): another program, a wrapper or "
+            "a changed sacct answered"
+        )
+    layout = _Layout(tuple(fields), delimiter, trailing=True)
+    records: list[JobRecord] = []
+    rejected: list[Rejected] = []
+    steps = 0
+    line = 2
+    position = len(header)
+    while data[position:].strip():
+        chunk, problem, next_position = _live_record(data, position, mark, len(fields))
+        outcome = _read_record(chunk, layout, problem, line=line, cluster=cluster, tz=timezone.utc)
+        if isinstance(outcome, Rejected):
+            rejected.append(outcome)
+        elif outcome is None:
+            steps += 1
+        else:
+            records.append(outcome)
+        line += data.count(b"\n", position, next_position)
+        position = next_position
+    return _result(source, records, rejected, steps)
+
+
+def _live_record(
+    data: bytes, position: int, mark: bytes, count: int
+) -> tuple[bytes, Optional[str], int]:
+    """(record, problem, where the next one starts) of the record at ``position``.
+
+    A record is exactly ``count`` fields, each followed by the delimiter, then a newline. The
+    delimiter cannot occur inside a value, so the ``count``-th one ends the record, whatever
+    the last field (a job name) holds: newlines, a newline right after a delimiter, or text
+    that looks like a record. Anything else is damage: the bytes up to the next delimiter +
+    newline are rejected.
+    """
+    end = position
+    for _ in range(count):
+        found = data.find(mark, end)
+        if found < 0:
+            break
+        end = found + len(mark)
+    else:
+        if data[end : end + 1] == b"\n":
+            return data[position : end - len(mark)], None, end + 1
+    terminator = mark + b"\n"
+    stop = data.find(terminator, position)
+    if stop < 0:
+        return data[position:], "truncated record: it does not end with the delimiter", len(data)
+    chunk = data[position:stop]
+    return (
+        chunk,
+        f"has {chunk.count(mark) + 1} fields instead of {count}: sacct output was damaged",
+        stop + len(terminator),
+    )
+
+
 # --- JSON (sacct --json, slurmrestd /slurmdb) ------------------------------------------------
 
 
@@ -653,9 +772,32 @@ def _parse_json(data: bytes, *, cluster: str, source: str) -> ParseResult:
             steps += len(job["steps"])
         try:
             records.append(_record_from_json(job, index=index, cluster=cluster))
-        except (_Bad, ValueError, TypeError, OverflowError) as exc:
-            rejected.append(Rejected(index, f"job #{index}: {exc}", _json_snippet(job)))
+        except Exception as exc:  # a corrupt record must never stop the run
+            reason = str(exc) if isinstance(exc, _Bad) else f"{type(exc).__name__}: {exc}"
+            job_id, run = _json_identity(job, cluster)
+            rejected.append(
+                Rejected(
+                    index,
+                    f"job #{index}: {_snippet(reason)}",
+                    _json_snippet(job),
+                    job_id=job_id,
+                    run=run,
+                )
+            )
     return _result(source, records, rejected, steps)
+
+
+def _json_identity(job: Any, cluster: str) -> tuple[str, Optional[RunKey]]:
+    """The job id and run of a JSON job, as far as they can be read (for the quarantine)."""
+    try:
+        job_id = _jint(job.get("job_id"), "job_id")
+        submit_at = _jtime(job, "submission")
+        name = _jstr(job.get("cluster"), "cluster") or cluster
+    except Exception:  # best effort
+        return "", None
+    if job_id is None or submit_at is None:
+        return ("" if job_id is None else str(job_id)), None
+    return str(job_id), RunKey(name, str(job_id), submit_at)
 
 
 def _json_snippet(value: Any) -> str:

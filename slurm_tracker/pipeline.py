@@ -8,7 +8,6 @@ read the input (a saved file, or one sacct call) and pick the window.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,12 +16,18 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Optional, Union
 from zoneinfo import ZoneInfo
 
 from slurm_tracker import api, rating, sacct, state
 from slurm_tracker.config import Config, SacctConfig
-from slurm_tracker.errors import ApiError, InputError
+from slurm_tracker.errors import (
+    ApiError,
+    InputError,
+    SacctUnavailable,
+    StateError,
+    StateUnavailable,
+)
 from slurm_tracker.events import plan, request_body
 from slurm_tracker.mapping import Target, map_record
 from slurm_tracker.models import (
@@ -34,7 +39,8 @@ from slurm_tracker.models import (
     RunKey,
     Skipped,
 )
-from slurm_tracker.parse import parse_sacct
+from slurm_tracker.parse import parse_live, parse_sacct
+from slurm_tracker.plausibility import implausible
 from slurm_tracker.segments import SegmentPolicy, new_usage
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,8 @@ class Plan:
     rating_problems: tuple[str, ...] = ()
     records: int = 0
     steps_ignored: int = 0
+    held: frozenset[str] = frozenset()  # keys of events held for an operator (limits.hold_above)
+    checked_runs: frozenset[str] = frozenset()  # runs found plausible: their quarantine resolves
 
 
 @dataclass(frozen=True)
@@ -115,43 +123,143 @@ def plan_usage(
     reported: Mapping[RunKey, int],
     config: Config,
     catalog: Optional[rating.Catalog] = None,
+    *,
+    now_at: Optional[datetime] = None,
+    floor_at: Optional[datetime] = None,
+    forgotten_before: Optional[datetime] = None,
 ) -> Plan:
     """Plan the events for everything in ``parsed`` not yet in ``reported`` (elapsed seconds).
 
-    The last ``sacct.lag`` seconds of running runs are held back (see SegmentPolicy).
+    ``now_at`` is the real clock, for the plausibility checks (None: no checks against the
+    clock). Usage before ``floor_at`` (the billing floor) is not billed, nor runs that ended
+    before ``forgotten_before`` (State.pruned_before) and have no progress: their billing
+    record was pruned, so they may have been billed already. The last ``sacct.lag``
+    seconds of running runs are held back (see SegmentPolicy). No record can stop the plan: any
+    failure while planning one becomes a Rejected with the record's identity.
     """
     records, skipped = latest_records(parsed.records)
     policy = SegmentPolicy(config.reporting_interval_s, config.sacct.lag_s)
+    rejected = list(parsed.rejected)
     events: list[PlannedEvent] = []
     problems: list[str] = []
+    checked: set[str] = set()
     for record in records:
-        target = map_record(record, config.accounts, config.partitions)
-        if isinstance(target, Skipped):
-            skipped.append(target)
+        try:
+            outcome = _plan_record(
+                record,
+                reported.get(record.run, 0),
+                config,
+                catalog,
+                policy,
+                now_at,
+                (floor_at, forgotten_before),
+            )
+        except Exception as exc:  # one record must never stop a sync
+            log.debug("job %s: planning failed", record.job_id, exc_info=True)
+            outcome = _rejected(record, f"cannot be planned ({type(exc).__name__}: {exc})")
+        if isinstance(outcome, Rejected):
+            rejected.append(outcome)
             continue
-        reported_s = reported.get(record.run, 0)
-        cuts = _rate_cuts(catalog, target, record, reported_s)
-        segments = new_usage(record, reported_s, policy, cuts)
-        if isinstance(segments, Skipped):
-            skipped.append(segments)
+        checked.add(record.run.text)
+        if isinstance(outcome, Skipped):
+            skipped.append(outcome)
             continue
-        planned = plan(segments, target.allocation, target.charges, config.metadata_fields)
-        if not planned:
-            metrics = ", ".join(sorted({c.metric for c in target.charges}))
-            skipped.append(Skipped(record.job_id, f"no allocated {metrics} to bill", record.run))
-            continue
-        for event in planned:
-            rated, problem = _rate(catalog, event)
-            events.append(rated)
-            if problem:
-                problems.append(problem)
+        planned, record_problems = outcome
+        events.extend(planned)
+        problems.extend(record_problems)
+    hold_above = config.limits.hold_above
+    held = frozenset(e.event_key for e in events if hold_above and e.quantity > hold_above)
     return Plan(
         events=tuple(events),
         skipped=tuple(skipped),
-        rejected=parsed.rejected,
+        rejected=tuple(rejected),
         rating_problems=tuple(problems),
         records=len(parsed.records),
         steps_ignored=parsed.steps_ignored,
+        held=held,
+        checked_runs=frozenset(checked),
+    )
+
+
+def _plan_record(
+    record: JobRecord,
+    reported_s: int,
+    config: Config,
+    catalog: Optional[rating.Catalog],
+    policy: SegmentPolicy,
+    now_at: Optional[datetime],
+    floors: tuple[Optional[datetime], Optional[datetime]],
+) -> Union[tuple[list[PlannedEvent], list[str]], Skipped, Rejected]:
+    """The events of one run (with rating problems), or why it gives none.
+
+    ``floors``: the billing floor and the pruning horizon (see plan_usage)."""
+    floor_at, forgotten_before = floors
+    clusters = config.sacct.clusters
+    if clusters and record.cluster not in (config.cluster, *clusters):
+        return _rejected(
+            record, f"cluster {record.cluster!r} is not one this agent bills (sacct.clusters)"
+        )
+    target = map_record(record, config.accounts, config.partitions)
+    if isinstance(target, Skipped):
+        return target
+    if now_at is not None:
+        problem = implausible(record, now_at, config.limits)
+        if problem is not None:
+            return _rejected(record, problem)
+    if (
+        forgotten_before is not None
+        and record.end_at is not None
+        and record.end_at < forgotten_before
+        and reported_s == 0
+    ):
+        return Skipped(
+            record.job_id,
+            f"ended before {forgotten_before:%Y-%m-%dT%H:%M:%SZ}, where the state file no "
+            "longer remembers what was billed: it may have been billed already, so it is not "
+            "billed again",
+            record.run,
+        )
+    if floor_at is not None and record.start_at is not None:
+        floor_s = int((floor_at - record.start_at).total_seconds())
+        if floor_s >= policy.billable_s(record) and record.final:
+            return Skipped(
+                record.job_id,
+                f"ended before the billing floor sacct.first_sync_start "
+                f"({floor_at:%Y-%m-%dT%H:%M:%SZ}): not billed by this agent",
+                record.run,
+            )
+        reported_s = max(reported_s, min(floor_s, record.elapsed_s))
+    cuts = _rate_cuts(catalog, target, record, reported_s)
+    segments = new_usage(record, reported_s, policy, cuts)
+    if isinstance(segments, Skipped):
+        return segments
+    planned = plan(segments, target.allocation, target.charges, config.metadata_fields)
+    if not planned:
+        metrics = ", ".join(sorted({c.metric for c in target.charges}))
+        return Skipped(record.job_id, f"no allocated {metrics} to bill", record.run)
+    events: list[PlannedEvent] = []
+    problems: list[str] = []
+    for event in planned:
+        rated, problem = _rate(catalog, event)
+        events.append(rated)
+        if problem:
+            problems.append(problem)
+    return events, problems
+
+
+def _rejected(record: JobRecord, reason: str) -> Rejected:
+    """A record refused after parsing: quarantined under its run, with what it said."""
+    start = f"{record.start_at:%Y-%m-%dT%H:%M:%SZ}" if record.start_at else "-"
+    end = f"{record.end_at:%Y-%m-%dT%H:%M:%SZ}" if record.end_at else "-"
+    tres = record.tres
+    text = (
+        f"job {record.job_id} cluster={record.cluster} account={record.account} "
+        f"partition={record.partition} user={record.user} start={start} end={end} "
+        f"elapsed={record.elapsed_s} cpu={tres.cpu} gpu={tres.gpu} node={tres.node} "
+        f"mem_mb={tres.mem_mb}"
+    )
+    return Rejected(
+        record.line, f"job {record.job_id}: {reason}", text[:300], record.job_id, record.run
     )
 
 
@@ -228,15 +336,39 @@ def read_saved(path: str, stdin: BinaryIO) -> bytes:
         ) from exc
 
 
-def read_live(config: Config, window: Window, environ: Mapping[str, str]) -> bytes:
-    """One sacct call for ``window`` (raises SacctUnavailable, a temporary failure)."""
+@dataclass(frozen=True)
+class Input:
+    """sacct output to process, and how to read it."""
+
+    data: bytes
+    source: str
+    window: Optional[Window]  # None for a saved file: the high-water mark is left alone
+    delimiter: Optional[str] = None  # the live query's: read strictly (parse.parse_live)
+    fields: tuple[str, ...] = ()
+
+
+def read_live(config: Config, window: Window, environ: Mapping[str, str]) -> Input:
+    """One sacct call for ``window`` (raises SacctUnavailable, a temporary failure).
+
+    A fresh unpredictable delimiter every call, and JobName only when the config sends job
+    names as metadata (see sacct.py).
+    """
+    delimiter = sacct.new_delimiter()
+    fields = sacct.live_fields("job_name" in config.metadata_fields)
     argv = sacct.build_command(
-        config.sacct.path, window.start_at, window.end_at, config.sacct.extra_args
+        config.sacct.path,
+        window.start_at,
+        window.end_at,
+        config.sacct.extra_args,
+        delimiter=delimiter,
+        fields=fields,
+        clusters=config.sacct.clusters,
     )
     log.info("running sacct for %s .. %s", window.start_at, window.end_at)
-    return sacct.run_sacct(
+    data = sacct.run_sacct(
         argv, timeout_s=config.sacct.timeout_s, environ=sacct.sacct_environment(environ)
     )
+    return Input(data, f"sacct ({config.sacct.path})", window, delimiter, fields)
 
 
 def file_zone(cfg: SacctConfig) -> tzinfo:
@@ -298,6 +430,13 @@ def deliver_outbox(
             with guard:
                 counts["pending"] += 1
             return
+        try:
+            send(row)
+        except (StateError, StateUnavailable):
+            stop.set()  # the state file cannot record outcomes (disk full...): stop sending;
+            raise  # every event keeps its stored status, and the next run goes on from there
+
+    def send(row: state.OutboxRow) -> None:
         key = row.event_key
         try:
             outcome = api.deliver(
@@ -354,13 +493,6 @@ def deliver_outbox(
     )
 
 
-@dataclass(frozen=True)
-class Input:
-    data: bytes
-    source: str
-    window: Optional[Window]  # None for a saved file: the high-water mark is left alone
-
-
 def gather(
     config: Config,
     window: Window,
@@ -372,10 +504,24 @@ def gather(
     if sacct_file is not None:
         data = read_saved(sacct_file, stdin)
         return Input(data, "stdin" if sacct_file == "-" else sacct_file, None)
-    return Input(read_live(config, window, environ), f"sacct ({config.sacct.path})", window)
+    return read_live(config, window, environ)
 
 
 def parse_input(config: Config, given: Input, fields: Optional[Sequence[str]]) -> ParseResult:
+    """Records of ``given``: the live query's output strictly, a saved file as detected."""
+    if given.delimiter is not None:
+        try:
+            return parse_live(
+                given.data,
+                delimiter=given.delimiter,
+                fields=given.fields,
+                cluster=config.cluster,
+                source=given.source,
+            )
+        except InputError as exc:
+            raise SacctUnavailable(
+                f"{exc}; nothing was recorded or advanced, the next run tries again"
+            ) from exc
     return parse_sacct(
         given.data,
         cluster=config.cluster,
@@ -418,16 +564,13 @@ class SyncResult:
 
     @property
     def outcome(self) -> str:
-        """ok, undelivered (exit 4), unavailable (exit 75) or auth (exit 1)."""
+        """ok, undelivered (exit 4: pending, held or dead events), unavailable (exit 75) or
+        auth (exit 1)."""
         if self.delivery.auth_error:
             return "auth"
         if self.delivery.unavailable and self.delivery.acked == 0:
             return "unavailable"
-        if (
-            self.outbox.get("pending", 0)
-            or self.outbox.get("sending", 0)
-            or self.outbox.get("dead", 0)
-        ):
+        if any(self.outbox.get(status, 0) for status in ("pending", "sending", "held", "dead")):
             return "undelivered"
         return "ok"
 
@@ -435,10 +578,38 @@ class SyncResult:
 def commit(
     store: state.State, plan: Plan, now_at: datetime, high_water_at: Optional[datetime]
 ) -> int:
-    """Store a plan (outbox + progress + high-water mark) in one transaction."""
+    """Store a plan in ONE transaction: outbox (held events held), progress, the high-water
+    mark (never past the real clock), the quarantine of rejected records, and the resolution of
+    entries whose run now reads sane."""
+    if high_water_at is not None:
+        high_water_at = min(high_water_at, utc_now())
     return store.commit_plan(
-        plan.events, [request_body(e) for e in plan.events], now_at, high_water_at
+        plan.events,
+        [request_body(e) for e in plan.events],
+        now_at,
+        high_water_at,
+        held=plan.held,
+        quarantine=[
+            state.QuarantineEntry(key=r.key, job_id=r.job_id, reason=r.reason, text=r.text)
+            for r in plan.rejected
+        ],
+        resolved=plan.checked_runs,
     )
+
+
+def check_mark(store: state.State, config: Config) -> Optional[datetime]:
+    """The high-water mark; StateError when it is in the future of the real clock."""
+    mark = store.high_water_at()
+    now_at = utc_now()
+    if mark is not None and mark > now_at + timedelta(seconds=config.limits.clock_skew_s):
+        raise StateError(
+            f"the high-water mark of {store.path} is {mark:%Y-%m-%dT%H:%M:%SZ}, in the future "
+            f"(now {now_at:%Y-%m-%dT%H:%M:%SZ}): every sync would read an empty window and bill "
+            "nothing. Check the clock, then set the mark back to the last good sync, e.g. "
+            f"`slurm-tracker state set-mark {now_at - timedelta(hours=1):%Y-%m-%dT%H:%M:%SZ}` "
+            "(usage already billed is not billed again)"
+        )
+    return mark
 
 
 def sync_once(
@@ -449,11 +620,19 @@ def sync_once(
     request: SyncRequest,
 ) -> SyncResult:
     """One regular sync: read, plan, commit, deliver, prune. The caller holds the lock."""
-    window = sync_window(request.now_at, store.high_water_at(), config.sacct)
+    window = sync_window(request.now_at, check_mark(store, config), config.sacct)
     given = gather(config, window, request.sacct_file, request.stdin, request.environ)
     parsed = parse_input(config, given, request.fields)
     reported = store.reported(r.run for r in parsed.records)
-    plan = plan_usage(parsed, reported, config, catalog)
+    plan = plan_usage(
+        parsed,
+        reported,
+        config,
+        catalog,
+        now_at=utc_now(),
+        floor_at=config.sacct.first_sync_start,
+        forgotten_before=store.pruned_before(),
+    )
     high_water_at = given.window.end_at if given.window else None
     new = commit(store, plan, request.now_at, high_water_at)
     return _deliver_and_finish(config, store, client, plan, given.window, new, request.now_at)
@@ -502,12 +681,10 @@ def backfill_plan(
     for number, window in enumerate(windows):
         if number:
             sleep(config.sacct.backfill_pause_s)
-        parsed = parse_input(
-            config, Input(read_live(config, window, environ), "sacct", window), None
-        )
+        parsed = parse_input(config, read_live(config, window, environ), None)
         runs = {r.run for r in parsed.records}
         known = {**store.reported(runs), **{r: s for r, s in reported.items() if r in runs}}
-        plan = plan_usage(parsed, known, config, catalog)
+        plan = plan_usage(parsed, known, config, catalog, now_at=utc_now())
         reported.update(reported_after(plan, known))
         plans.append(plan)
     return merge_plans(plans)
@@ -531,11 +708,9 @@ def backfill(
         if number:
             sleep(config.sacct.backfill_pause_s)
         log.info("backfill chunk %d/%d", number + 1, len(windows))
-        parsed = parse_input(
-            config, Input(read_live(config, window, environ), "sacct", window), None
-        )
+        parsed = parse_input(config, read_live(config, window, environ), None)
         reported = store.reported(r.run for r in parsed.records)
-        plan = plan_usage(parsed, reported, config, catalog)
+        plan = plan_usage(parsed, reported, config, catalog, now_at=utc_now())
         new += commit(store, plan, utc_now(), None)
         plans.append(plan)
     whole = Window(windows[0].start_at, windows[-1].end_at) if windows else None
@@ -562,6 +737,8 @@ def merge_plans(plans: Sequence[Plan]) -> Plan:
         rating_problems=tuple(x for p in plans for x in p.rating_problems),
         records=sum(p.records for p in plans),
         steps_ignored=sum(p.steps_ignored for p in plans),
+        held=frozenset(k for p in plans for k in p.held),
+        checked_runs=frozenset(r for p in plans for r in p.checked_runs),
     )
 
 
@@ -620,13 +797,3 @@ def pull_catalog(client: api.AllocationsClient, pulled_at: datetime) -> rating.C
             sku_id = str(sku.get("id"))
             rules_by_sku[sku_id] = client.list_sku_rules(name, sku_id)
     return rating.catalog_from_api(units, skus_by_unit, rules_by_sku, pulled_at=pulled_at)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

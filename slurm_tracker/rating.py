@@ -39,8 +39,11 @@ from typing import Optional
 
 import yaml
 from dateutil.parser import isoparse
+from yaml.constructor import ConstructorError
 
+from slurm_tracker.config import GuardedLoader, YamlRefused, describe_yaml_error, shown_value
 from slurm_tracker.errors import ConfigError, TrackerError
+from slurm_tracker.files import read_trusted
 from slurm_tracker.models import Rated
 
 logger = logging.getLogger(__name__)
@@ -660,10 +663,11 @@ class _LineDict(dict[object, object]):
     line: int = 0
 
 
-class _CatalogLoader(yaml.SafeLoader):
-    """Safe YAML, with numbers with a fraction read as Decimal from their text, timestamps left
-    as text (parsed and checked by the validator), mappings that know their line, and
-    duplicate keys reported instead of silently overwritten."""
+class _CatalogLoader(GuardedLoader):
+    """Safe YAML (hardened as the configuration's: depth, aliases, values that cannot be built),
+    with numbers with a fraction read as Decimal from their text, timestamps left as text
+    (parsed and checked by the validator), mappings that know their line, and duplicate keys
+    reported instead of silently overwritten."""
 
     duplicate_keys: list[tuple[int, str]]
 
@@ -674,6 +678,10 @@ _CatalogLoader.yaml_implicit_resolvers = {
 }
 
 
+#: Numbers in a catalog file beyond 10^±this are refused: rating them would need as many digits.
+_MAX_EXPONENT = 1000
+
+
 def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> object:
     text = str(loader.construct_scalar(node)).replace("_", "")
     try:
@@ -681,6 +689,13 @@ def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> object
     except InvalidOperation:
         # .inf, .nan and base-60 floats: let the validator refuse what is not a finite rate
         return loader.construct_yaml_float(node)
+    if number.is_finite() and number and abs(number.adjusted()) > _MAX_EXPONENT:
+        raise ConstructorError(
+            None,
+            None,
+            f"the number {shown_value(text)} is out of range (beyond 10^±{_MAX_EXPONENT})",
+            node.start_mark,
+        )
     return number
 
 
@@ -701,11 +716,20 @@ _CatalogLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
 _CatalogLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 
+#: The largest catalog file read.
+MAX_CATALOG_BYTES = 64 << 20
+
+
 def load_catalog_file(path: Path) -> Catalog:
-    """Read a catalog YAML file (as written by :func:`dump_catalog`). ConfigError on problems."""
+    """Read a catalog YAML file (as written by :func:`dump_catalog`). ConfigError on problems.
+
+    The file must be trusted (see :func:`slurm_tracker.files.read_trusted`): a symbolic link,
+    a file another user owns or can write, or one in a directory others can write is an
+    UnsafeFile.
+    """
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_trusted(path, "catalog file", limit=MAX_CATALOG_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
             source, [f"cannot read the catalog file: {exc}; check catalog_file in the config"]
@@ -715,16 +739,29 @@ def load_catalog_file(path: Path) -> Catalog:
     try:
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(source, [f"{where}not valid YAML: {exc}"]) from exc
+        line, column, what = describe_yaml_error(exc)
+        where = f"{source}:{line}: " if line else f"{source}: "
+        if isinstance(exc, (YamlRefused, ConstructorError)):
+            raise ConfigError(source, [f"{where}cannot be read: {what}"]) from exc
+        raise ConfigError(source, [f"{where}not valid YAML: {what} (column {column})"]) from exc
+    except RecursionError as exc:  # the depth limit makes this unreachable; kept as a backstop
+        raise ConfigError(source, [f"{source}: cannot be read: nested too deeply"]) from exc
     finally:
         loader.dispose()
     problems = _Problems(source)
     for line, key in loader.duplicate_keys:
-        problems.items.append(f"{source}:{line}: key {key!r} appears twice in one mapping")
+        problems.items.append(
+            f"{source}:{line}: key {shown_value(str(key))!r} appears twice in one mapping"
+        )
     if data is None:
         problems.items.append(f"{source}: the file is empty: write it with `catalog pull`")
+        raise ConfigError(source, problems.items)
+    if not isinstance(data, Mapping):
+        # Whatever this file is (an API key, another YAML file), its content is not shown.
+        problems.items.append(
+            f"{source}: not a slurm-tracker catalog (its top level is not a mapping with keys "
+            f"{', '.join(_TOP_KEYS)}): check catalog_file, or write it with `catalog pull`"
+        )
         raise ConfigError(source, problems.items)
     catalog = _catalog(data, problems, source, require_version=True)
     if problems.items or catalog is None:

@@ -9,12 +9,31 @@ from decimal import Decimal
 from typing import Any, Optional
 
 from slurm_tracker.events import rfc3339
-from slurm_tracker.models import METRIC_UNITS, PlannedEvent
+from slurm_tracker.models import METRIC_UNITS, PlannedEvent, Rejected
 from slurm_tracker.pipeline import Plan, SyncResult, Total, Window
 from slurm_tracker.rating import EffectiveRate, RateRule
-from slurm_tracker.state import OutboxRow, State
+from slurm_tracker.state import OutboxRow, QuarantineRow, State
 
 LIST_LIMIT = 20  # rows of skipped/rejected shown without -v
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """``text`` safe for a terminal: control characters escaped (job names and corrupt
+    records may hold escape sequences), cut to ``limit`` characters."""
+    shown = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def rejected_json(rejected: Rejected) -> dict[str, Any]:
+    return {
+        "line": rejected.line,
+        "reason": rejected.reason,
+        "jobId": rejected.job_id or None,
+        "run": rejected.run.text if rejected.run else None,
+        "quarantineKey": rejected.key,
+    }
 
 
 def number(value: Optional[Decimal]) -> Optional[float]:
@@ -62,11 +81,13 @@ def plan_json(plan: Plan, totals: Sequence[Total], window: Optional[Window]) -> 
             "events": len(plan.events),
             "skipped": len(plan.skipped),
             "rejected": len(plan.rejected),
+            "held": len(plan.held),
             "stepsIgnored": plan.steps_ignored,
         },
         "events": [event_json(e) for e in plan.events],
         "skipped": [{"jobId": s.job_id, "reason": s.reason} for s in plan.skipped],
-        "rejected": [{"line": r.line, "reason": r.reason} for r in plan.rejected],
+        "rejected": [rejected_json(r) for r in plan.rejected],
+        "held": sorted(plan.held),
         "ratingProblems": list(plan.rating_problems),
         "totals": [total_json(t) for t in totals],
     }
@@ -175,12 +196,23 @@ def plan_text(
         out += ["", f"Skipped ({len(plan.skipped)}):"]
         reasons = Counter(_reason_kind(s.reason) for s in plan.skipped)
         if verbose:
-            out += [f"  {s.job_id}: {s.reason}" for s in plan.skipped]
+            out += [f"  {printable(s.job_id)}: {printable(s.reason)}" for s in plan.skipped]
         else:
             out += [f"  {n:>6}  {kind}" for kind, n in reasons.most_common()]
+    if plan.held:
+        out += [
+            "",
+            f"Held ({len(plan.held)} events above limits.hold_above: stored as held, sent only "
+            "after `slurm-tracker outbox release KEY`):",
+        ]
+        out += [f"  {printable(k)}" for k in _limit(sorted(plan.held), verbose)]
     if plan.rejected:
-        out += ["", f"Rejected ({len(plan.rejected)} malformed records, not billed):"]
-        out += [f"  line {r.line}: {r.reason}" for r in _limit(plan.rejected, verbose)]
+        out += [
+            "",
+            f"Rejected ({len(plan.rejected)} malformed or implausible records, not billed; a "
+            "sync quarantines them: `slurm-tracker quarantine list`):",
+        ]
+        out += [f"  line {r.line}: {printable(r.reason)}" for r in _limit(plan.rejected, verbose)]
     hidden = (
         0
         if verbose
@@ -218,7 +250,8 @@ def sync_json(result: SyncResult) -> dict[str, Any]:
         "dead": result.outbox.get("dead", 0),
         "skipped": len(result.plan.skipped),
         "rejected": len(result.plan.rejected),
-        "rejectedRecords": [{"line": r.line, "reason": r.reason} for r in result.plan.rejected],
+        "rejectedRecords": [rejected_json(r) for r in result.plan.rejected],
+        "held": result.outbox.get("held", 0),
     }
 
 
@@ -231,17 +264,24 @@ def sync_text(result: SyncResult) -> str:
             if j["foundByLookup"]
             else ""
         )
-        + f", {j['pending']} pending, {j['dead']} dead; "
-        f"{j['skipped']} runs skipped, {j['rejected']} records rejected",
+        + f", {j['pending']} pending, {j['held']} held, {j['dead']} dead; "
+        f"{j['skipped']} runs skipped, {j['rejected']} records rejected (quarantined)",
     ]
     for r in result.plan.rejected[:LIST_LIMIT]:
-        lines.append(f"  rejected line {r.line}: {r.reason}")
+        lines.append(f"  rejected line {r.line}: {printable(r.reason)}")
+    if j["rejected"]:
+        lines.append("  quarantined records: see `slurm-tracker quarantine list`")
+    if j["held"]:
+        lines.append(
+            "  held events (above limits.hold_above): see `slurm-tracker outbox list --status "
+            "held`, then `slurm-tracker outbox release KEY`"
+        )
     if j["dead"]:
         lines.append("  dead-lettered events: see `slurm-tracker outbox list --status dead`")
     return "\n".join(lines)
 
 
-def status_info(store: State, now_at: datetime) -> dict[str, Any]:
+def status_info(store: State, now_at: datetime, skew_s: int = 300) -> dict[str, Any]:
     """What `slurm-tracker status` reports, as plain values."""
     high = store.high_water_at()
     waiting = store.outbox(("pending", "sending"), limit=1)
@@ -258,6 +298,8 @@ def status_info(store: State, now_at: datetime) -> dict[str, Any]:
         "stateFile": str(store.path),
         "highWaterMark": rfc3339(high) if high else None,
         "highWaterAgeSeconds": int((now_at - high).total_seconds()) if high else None,
+        "highWaterInFuture": bool(high and high > now_at + timedelta(seconds=skew_s)),
+        "quarantined": store.quarantine_count(),
         "outbox": counts,
         "oldestPending": rfc3339(waiting[0].created_at) if waiting else None,
         "reportedLastDay": totals(now_at - timedelta(days=1)),
@@ -284,10 +326,22 @@ def status_text(info: dict[str, Any]) -> str:
             else "none (no sync yet)"
         ),
         "outbox          "
-        + ", ".join(f"{n} {s}" for s, n in info["outbox"].items() if n or s in ("pending", "dead")),
+        + ", ".join(
+            f"{n} {s}" for s, n in info["outbox"].items() if n or s in ("pending", "held", "dead")
+        ),
     ]
+    if info["highWaterInFuture"]:
+        out.append(
+            "                PROBLEM: the mark is in the future, so syncs bill nothing: fix the "
+            "clock, then `slurm-tracker state set-mark TIME` (see README)"
+        )
     if info["oldestPending"]:
         out.append(f"oldest pending  {info['oldestPending']}")
+    if info["quarantined"]:
+        out.append(
+            f"quarantined     {info['quarantined']} records rejected and not billed: see "
+            "`slurm-tracker quarantine list`"
+        )
     last = info["lastSync"]
     if last:
         out.append(
@@ -346,12 +400,51 @@ def outbox_text(rows: Sequence[OutboxRow]) -> str:
                 f"{r.quantity:.6f}",
                 str(r.attempts),
                 r.event_key,
-                r.last_error,
+                printable(r.last_error, 200),
             ]
             for r in rows
         ],
         (3, 4),
     )
+
+
+def quarantine_json(row: QuarantineRow) -> dict[str, Any]:
+    return {
+        "key": row.key,
+        "jobId": row.job_id,
+        "reason": row.reason,
+        "record": row.text,
+        "firstSeenAt": rfc3339(row.first_seen_at),
+        "lastSeenAt": rfc3339(row.last_seen_at),
+        "timesSeen": row.times_seen,
+        "resolvedAt": rfc3339(row.resolved_at) if row.resolved_at else None,
+    }
+
+
+def quarantine_text(rows: Sequence[QuarantineRow], verbose: bool = False) -> str:
+    if not rows:
+        return "no quarantined records"
+    lines = [
+        table(
+            ["JOB", "FIRST SEEN", "LAST SEEN", "SEEN", "RESOLVED", "REASON"],
+            [
+                [
+                    printable(r.job_id or "?", 40),
+                    rfc3339(r.first_seen_at),
+                    rfc3339(r.last_seen_at),
+                    str(r.times_seen),
+                    rfc3339(r.resolved_at) if r.resolved_at else "-",
+                    printable(r.reason, 1000 if verbose else 120),
+                ]
+                for r in rows
+            ],
+            (3,),
+        )
+    ]
+    if verbose:
+        lines += ["", "Records as read:"]
+        lines += [f"  {printable(r.job_id or r.key, 60)}: {printable(r.text, 1000)}" for r in rows]
+    return "\n".join(lines)
 
 
 def _rule_json(rule: RateRule) -> dict[str, Any]:

@@ -1,15 +1,23 @@
 """Running sacct: the only module that starts a subprocess.
 
 The live query asks for allocations only (``--allocations``), requeued runs as separate records
-(``--duplicates``), ``-p`` output (a trailing delimiter after every record) with an unusual
-multi-character delimiter, and the free-text JobName last, so that ``|`` and newlines in job
-names cannot break a record (see DESIGN.md, "sacct facts").
+(``--duplicates``) and ``-p`` output (the delimiter after every field, the last one included).
+sacct has no escaping, and users choose their job names, so the query is built so that no byte
+sequence in a user's text can create, change, hide or merge a record (README, "Security"):
+
+* the delimiter is drawn afresh for every call from 128 random bits (:func:`new_delimiter`):
+  a job name written before the call cannot contain it, so records are split on it exactly;
+* the only user-controlled text, JobName, is asked for only when the configuration sends job
+  names as metadata, and then last;
+* parse.parse_live checks the header and the exact field count of every record.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -20,7 +28,9 @@ from .errors import SacctUnavailable
 
 logger = logging.getLogger(__name__)
 
-LIVE_DELIMITER = "|#|"
+#: The delimiter of the documented capture command (saved files read with --sacct-file). The live
+#: query never uses it: see new_delimiter.
+CAPTURE_DELIMITER = "|#|"
 LIVE_FIELDS = (
     "Cluster",
     "JobID",
@@ -43,20 +53,28 @@ LIVE_FIELDS = (
     "Reservation",
     "JobName",
 )  # free text (JobName) last
+FREE_TEXT_FIELD = "JobName"
 
-#: Environment variables sacct reads (sacct(1), ENVIRONMENT VARIABLES) that would change which
-#: jobs it selects or how it prints them. SLURM_CONF is kept: it says which cluster to ask.
-_DROPPED_ENV = frozenset(
+#: The only variables sacct gets (an allow-list: never the API key, nothing that changes which
+#: jobs it selects or how it prints them, such as SACCT_FORMAT, SACCT_FEDERATION,
+#: SLURM_BITSTR_LEN or SLURM_TIME_FORMAT). SLURM_CONF says which cluster to ask, SLURM_JWT
+#: authenticates on sites using auth/jwt; the rest is what any program needs to start.
+_KEPT_ENV = frozenset(
     {
-        "SACCT_FORMAT",  # --format; ours wins anyway, dropped for clarity
-        "SACCT_FEDERATION",  # --federation: would add other clusters' jobs
-        "SACCT_LOCAL",  # --local
-        "SLURM_BITSTR_LEN",  # truncates array task expressions in JobID
-        "SLURM_TIME_FORMAT",  # replaced by %s below
-        "SLURM_JSON",  # --json output style
-        "SLURM_YAML",  # --yaml output style
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TMPDIR",
+        "LD_LIBRARY_PATH",
+        "SLURM_CONF",
+        "SLURM_JWT",
     }
 )
+_KEPT_PREFIXES = ("LC_",)
+_DELIMITER_RE = re.compile(r"\|~[0-9a-f]{32}~\|")
 
 _STDERR_LINES = 10
 _KILL_WAIT_S = 5.0
@@ -68,39 +86,61 @@ def _utc_text(at: datetime) -> str:
     return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+def new_delimiter() -> str:
+    """A delimiter nobody can predict: ``|~`` + 128 random bits in hex + ``~|``."""
+    return f"|~{secrets.token_hex(16)}~|"
+
+
+def live_fields(with_job_name: bool) -> tuple[str, ...]:
+    """The fields of the live query; JobName (user text) only when it is needed, and last."""
+    return LIVE_FIELDS if with_job_name else LIVE_FIELDS[:-1]
+
+
 def build_command(
     sacct_path: str,
     start_at: datetime,
     end_at: datetime,
     extra_args: Sequence[str] = (),
+    *,
+    delimiter: str,
+    fields: Sequence[str] = LIVE_FIELDS,
+    clusters: Sequence[str] = (),
 ) -> list[str]:
     """The argv of one live sacct query for jobs overlapping [start_at, end_at).
 
-    Times are written in UTC without an offset: sacct runs with ``TZ=UTC``
-    (see :func:`sacct_environment`).
+    ``delimiter`` comes from :func:`new_delimiter`. Times are written in UTC without an offset:
+    sacct runs with ``TZ=UTC`` (see :func:`sacct_environment`). ``clusters`` (from the config's
+    sacct.clusters) become ``--clusters``; ``extra_args`` were checked by the config's
+    allow-list.
     """
-    return [
+    if not _DELIMITER_RE.fullmatch(delimiter):
+        raise ValueError("the live delimiter must come from new_delimiter()")
+    if FREE_TEXT_FIELD in fields and fields[-1] != FREE_TEXT_FIELD:
+        raise ValueError("JobName must be the last field")
+    argv = [
         sacct_path,
         "--allusers",
         "--allocations",
         "--duplicates",
         "--parsable",
-        f"--delimiter={LIVE_DELIMITER}",
-        "--format=" + ",".join(LIVE_FIELDS),
+        f"--delimiter={delimiter}",
+        "--format=" + ",".join(fields),
         "--starttime",
         _utc_text(start_at),
         "--endtime",
         _utc_text(end_at),
-        *extra_args,
     ]
+    if clusters:
+        argv.append("--clusters=" + ",".join(clusters))
+    return [*argv, *extra_args]
 
 
 def sacct_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """A copy of ``base`` that makes sacct print UTC epoch seconds and select what we ask for."""
+    """What sacct runs with: the allow-listed part of ``base``, UTC and epoch-second times."""
     env = {
         key: value
         for key, value in base.items()
-        if key not in _DROPPED_ENV and not key.startswith("SACCT_")
+        if key in _KEPT_ENV or key.startswith(_KEPT_PREFIXES)
     }
     env["TZ"] = "UTC"
     env["SLURM_TIME_FORMAT"] = "%s"

@@ -1,16 +1,27 @@
-"""The state file (SQLite): high-water mark, per-run progress and the outbox.
+"""The state file (SQLite): high-water mark, per-run progress, the outbox and the quarantine.
 
-The only module that writes it. Planning stores the new outbox rows, the runs' progress and
-the high-water mark in ONE transaction before anything is sent, so a crash at any instant
-leaves either nothing or everything of a plan, and every stored event is sent later.
+The only module that writes it. Planning stores the new outbox rows, the runs' progress, the
+quarantined records and the high-water mark in ONE transaction before anything is sent, so a
+crash at any instant leaves either nothing or everything of a plan, and every stored event is
+sent later.
 
-Outbox statuses: ``pending`` (to send), ``sending`` (an attempt may be in flight: its outcome
-is unknown until the event key is looked up), ``acked`` (the API has it), ``dead`` (the API
-refused it permanently; an admin retries or drops it), ``dropped`` (an admin gave it up).
+Outbox statuses: ``pending`` (to send), ``held`` (planned but implausibly large: sent only once
+an operator releases it), ``sending`` (an attempt may be in flight: its outcome is unknown until
+the event key is looked up), ``acked`` (the API has it), ``dead`` (the API refused it
+permanently; an admin retries or drops it), ``dropped`` (an admin gave it up).
+
+The file is trusted with what was billed, so it is opened like ssh's StrictModes would (see
+``files``): no links, a regular file of ours in a directory only we (or root) can change. Only
+a MISSING file is created (atomically, complete with its schema); one that exists but is empty,
+not SQLite, another application's or of an unknown schema is refused: starting afresh would
+bill the whole window again. Faults of the environment never escape as sqlite3 or OS errors:
+a full disk, a read-only file system, an I/O error or a busy database are ``StateUnavailable``
+(temporary: nothing is lost, the next run continues), a damaged or foreign file ``StateError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -18,8 +29,10 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
+import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -28,13 +41,46 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote
 
-from slurm_tracker.errors import LockHeld, StateError
+from slurm_tracker import files
+from slurm_tracker.errors import LockHeld, StateError, StateUnavailable, TrackerError, UnsafeFile
 from slurm_tracker.models import PlannedEvent, RunKey
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-STATUSES = ("pending", "sending", "acked", "dead", "dropped")
+SCHEMA_VERSION = 2
+APPLICATION_ID = 0x534C5452  # "SLTR" in the SQLite header: this file is a slurm-tracker state
+STATUSES = ("pending", "held", "sending", "acked", "dead", "dropped")
+QUARANTINE_TEXT_MAX = 1000  # characters kept of a quarantined record's text and reason
+
+_OUTBOX_COLUMNS = (
+    "event_key, allocation, sku, quantity, started_at, ended_at, body, status, attempts, "
+    "outcome_unknown, last_error, event_id, created_at, updated_at"
+)
+_QUARANTINE_COLUMNS = (
+    "key, job_id, reason, text, first_seen_at, last_seen_at, times_seen, resolved_at"
+)
+
+
+def _outbox_ddl(table: str, statuses: Sequence[str]) -> str:
+    allowed = ", ".join(f"'{s}'" for s in statuses)
+    return f"""CREATE TABLE {table} (
+            event_key TEXT PRIMARY KEY,
+            allocation TEXT NOT NULL,
+            sku TEXT NOT NULL,
+            quantity TEXT NOT NULL,        -- decimal text
+            started_at INTEGER NOT NULL,
+            ended_at INTEGER NOT NULL,
+            body TEXT NOT NULL,            -- the JSON request body
+            status TEXT NOT NULL CHECK (status IN
+                ({allowed})),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            outcome_unknown INTEGER NOT NULL DEFAULT 0,  -- an earlier attempt may have landed
+            last_error TEXT NOT NULL DEFAULT '',
+            event_id TEXT,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        )"""
+
 
 _MIGRATIONS: Mapping[int, Sequence[str]] = {
     1: (
@@ -46,23 +92,7 @@ _MIGRATIONS: Mapping[int, Sequence[str]] = {
             final INTEGER NOT NULL,        -- the run has ended and is fully billed
             updated_at INTEGER NOT NULL
         )""",
-        """CREATE TABLE outbox (
-            event_key TEXT PRIMARY KEY,
-            allocation TEXT NOT NULL,
-            sku TEXT NOT NULL,
-            quantity TEXT NOT NULL,        -- decimal text
-            started_at INTEGER NOT NULL,
-            ended_at INTEGER NOT NULL,
-            body TEXT NOT NULL,            -- the JSON request body
-            status TEXT NOT NULL CHECK (status IN
-                ('pending', 'sending', 'acked', 'dead', 'dropped')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            outcome_unknown INTEGER NOT NULL DEFAULT 0,  -- an earlier attempt may have landed
-            last_error TEXT NOT NULL DEFAULT '',
-            event_id TEXT,
-            created_at INTEGER NOT NULL,
-            updated_at INTEGER NOT NULL
-        )""",
+        _outbox_ddl("outbox", ("pending", "sending", "acked", "dead", "dropped")),
         "CREATE INDEX outbox_status ON outbox (status, created_at)",
         """CREATE TABLE syncs (
             id INTEGER PRIMARY KEY,
@@ -72,7 +102,122 @@ _MIGRATIONS: Mapping[int, Sequence[str]] = {
             summary TEXT NOT NULL          -- JSON counts
         )""",
     ),
+    2: (
+        # SQLite cannot alter a CHECK constraint: rebuild the outbox (in the same transaction)
+        _outbox_ddl("outbox_v2", STATUSES),
+        f"INSERT INTO outbox_v2 ({_OUTBOX_COLUMNS}) SELECT {_OUTBOX_COLUMNS} FROM outbox",
+        "DROP TABLE outbox",
+        "ALTER TABLE outbox_v2 RENAME TO outbox",
+        "CREATE INDEX outbox_status ON outbox (status, created_at)",
+        """CREATE TABLE quarantine (
+            key TEXT PRIMARY KEY,          -- a run's identity text, or a hash of a record's text
+            job_id TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            text TEXT NOT NULL,            -- a snippet of the record
+            first_seen_at INTEGER NOT NULL,
+            last_seen_at INTEGER NOT NULL,
+            times_seen INTEGER NOT NULL DEFAULT 1,
+            resolved_at INTEGER            -- NULL while open
+        )""",
+        "CREATE INDEX quarantine_open ON quarantine (resolved_at, first_seen_at)",
+    ),
 }
+_TABLES: Mapping[int, frozenset[str]] = {
+    1: frozenset({"meta", "progress", "outbox", "syncs"}),
+    2: frozenset({"meta", "progress", "outbox", "syncs", "quarantine"}),
+}
+_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+
+_FRESH_START_HINT = (
+    "A fresh start would bill again everything in the window (the API cannot refuse a "
+    "duplicate): restore the latest backup of the state file, or move this file aside only "
+    "if you know nothing was billed from it"
+)
+_NOTHING_LOST = "nothing is lost: the next run continues where this one stopped"
+
+# SQLite primary result codes (the low byte of an extended code)
+_SQLITE_TEMPORARY = {
+    5: "the database is busy (locked by another process)",  # SQLITE_BUSY
+    6: "a table is locked",  # SQLITE_LOCKED
+    8: "the database or its file system is read-only",  # SQLITE_READONLY
+    10: "an I/O error occurred",  # SQLITE_IOERR
+    13: "the disk is full",  # SQLITE_FULL
+    14: "the file cannot be opened",  # SQLITE_CANTOPEN
+    15: "the locking protocol failed",  # SQLITE_PROTOCOL
+}
+_SQLITE_CORRUPT = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+# Python < 3.11 gives no code: the messages SQLite gives for those codes
+_SQLITE_MESSAGES = (
+    ("disk is full", 13),
+    ("readonly", 8),
+    ("read-only", 8),
+    ("disk i/o error", 10),
+    ("database is locked", 5),
+    ("table is locked", 6),
+    ("unable to open", 14),
+    ("locking protocol", 15),
+    ("malformed", 11),
+    ("corrupt", 11),
+    ("not a database", 26),
+)
+_OS_TEMPORARY = {
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EIO: "an I/O error occurred",
+}
+
+
+def _sqlite_code(exc: sqlite3.Error) -> Optional[int]:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF
+    text = str(exc).lower()
+    for needle, found in _SQLITE_MESSAGES:
+        if needle in text:
+            return found
+    return None
+
+
+def _translate(exc: sqlite3.Error, path: Path, doing: str) -> TrackerError:
+    """The domain error for a sqlite3 error met while ``doing`` something with the file."""
+    code = _sqlite_code(exc)
+    if code in _SQLITE_TEMPORARY:
+        return StateUnavailable(
+            f"state file {path}: cannot {doing}: {_SQLITE_TEMPORARY[code]} ({exc}); {_NOTHING_LOST}"
+        )
+    if code in _SQLITE_CORRUPT:
+        return StateError(
+            f"state file {path} cannot be used: it is damaged or is not a slurm-tracker state "
+            f"file ({exc}; while trying to {doing}). `slurm-tracker check` lists the damage. "
+            f"{_FRESH_START_HINT}"
+        )
+    return StateError(f"state file {path}: cannot {doing}: {exc}")
+
+
+def _is_bug(exc: sqlite3.Error) -> bool:
+    """Errors of our own making (bad SQL, a constraint, a closed connection): not translated."""
+    bug = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+    code = _sqlite_code(exc)
+    return isinstance(exc, bug) and code not in _SQLITE_TEMPORARY and code not in _SQLITE_CORRUPT
+
+
+def _os_failure(exc: OSError, path: Path, doing: str, what: str = "state file") -> TrackerError:
+    """The domain error for an OSError met while opening, creating or locking the file."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _OS_TEMPORARY:
+        return StateUnavailable(
+            f"{what} {path}: cannot {doing}: {_OS_TEMPORARY[exc.errno]} ({reason}{where}); "
+            f"{_NOTHING_LOST}"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StateError(
+            f"{what} {path}: cannot {doing}: permission denied ({reason}{where}). Run "
+            "slurm-tracker as the user who owns it, and check that this user may write the "
+            "file and its directory and that the file is not immutable (`lsattr`)"
+        )
+    return StateError(f"{what} {path}: cannot {doing}: {reason}{where}")
 
 
 def _epoch(value: datetime) -> int:
@@ -81,6 +226,10 @@ def _epoch(value: datetime) -> int:
 
 def _time(value: Optional[int]) -> Optional[datetime]:
     return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+
+
+def _iso(value: datetime) -> str:
+    return f"{value.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
 
 
 @dataclass(frozen=True)
@@ -113,6 +262,66 @@ class Progress:
     final: bool
 
 
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A record that could not be billed this time, to keep (and count) until resolved.
+
+    ``key``: the run's identity text, or a hash of the record's text when it has none.
+    ``text``: a snippet of the record (cut to QUARANTINE_TEXT_MAX characters when stored).
+    """
+
+    key: str
+    job_id: str
+    reason: str
+    text: str
+
+
+@dataclass(frozen=True)
+class QuarantineRow:
+    key: str
+    job_id: str
+    reason: str
+    text: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+    times_seen: int
+    resolved_at: Optional[datetime]  # None while open
+
+
+def _check_side_file(side: Path, writer: bool) -> None:
+    """Refuse a -wal/-shm/-journal file that is a link, not regular, or not ours (``writer``).
+
+    Looked at with lstat before any open (a device or FIFO is never opened), then checked on
+    its descriptor; a writer narrows one of ours that group or others can read.
+    """
+    what = "state side file"
+    try:
+        info = os.lstat(side)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeFile(
+            f"{what} {side} is a symbolic link: remove it (another user could point it elsewhere)"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeFile(f"{what} {side} is not a regular file")
+    fd = files.open_nofollow(side, os.O_RDONLY | os.O_NONBLOCK, what)
+    try:
+        checked = files.check_open_file(fd, side, what, owned_by_us=writer, any_owner=not writer)
+        if writer and stat.S_IMODE(checked.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _refuse_empty(info: os.stat_result, path: Path) -> None:
+    if info.st_size == 0:
+        raise StateError(
+            f"state file {path} exists but is empty (truncated or replaced?): only a missing "
+            f"state file is created. {_FRESH_START_HINT}"
+        )
+
+
 class StateLock:
     """An exclusive, non-blocking lock beside the state file, naming its holder."""
 
@@ -121,22 +330,33 @@ class StateLock:
         self._fd: Optional[int] = None
 
     def acquire(self, now_at: datetime) -> None:
-        _private_parent(self.path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        what = "lock file"
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            files.ensure_private_dir(self.path.parent, f"{what} {self.path}")
+            fd = files.open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, what)
         except OSError as exc:
-            holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise _os_failure(exc, self.path, "create or open it", what) from exc
+        try:
+            files.check_open_file(fd, self.path, what, owned_by_us=True)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "unknown"
                 raise LockHeld(
                     f"state file {self.path.name[:-5]} is in use by another slurm-tracker "
                     f"({holder}); this run is skipped"
                 ) from exc
-            raise StateError(f"cannot lock {self.path}: {exc.strerror}") from exc
-        os.ftruncate(fd, 0)
-        holder = f"pid {os.getpid()} on {socket.gethostname()} since {now_at:%Y-%m-%dT%H:%M:%SZ}"
-        os.write(fd, holder.encode())
+            os.ftruncate(fd, 0)
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {_iso(now_at)}"
+            os.pwrite(fd, holder.encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise _os_failure(exc, self.path, "lock it", what) from exc
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
 
     def release(self) -> None:
@@ -151,70 +371,180 @@ class StateLock:
         self.release()
 
 
-def _private_parent(path: Path) -> None:
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-
-
 class State:
-    """An open state file. Methods are safe to call from several threads."""
+    """An open state file. Methods are safe to call from several threads.
+
+    Every method raises StateUnavailable (temporary) or StateError (damaged) instead of a
+    sqlite3 error; only errors of our own making (a bad SQL statement) pass through.
+    """
 
     def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self._schema = SCHEMA_VERSION  # the file's version (older when opened read-only)
         self.path = path
         self.readonly = readonly
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False) -> State:
-        """Open (creating it 0600 unless ``readonly``) and migrate; StateError when unusable.
+        """Open (creating it, complete and 0600, if missing unless ``readonly``) and migrate.
 
         A read-only open of a missing file gives an empty, in-memory state: a dry run before
-        the first sync shows everything as new.
+        the first sync shows everything as new. Raises UnsafeFile (a link, another user's
+        file or directory), StateError (empty, foreign, newer, damaged, not permitted) or
+        StateUnavailable (full disk, read-only file system, I/O error).
         """
         try:
-            if readonly:
-                if not path.exists():
-                    conn = sqlite3.connect(":memory:", check_same_thread=False)
-                    state = cls(conn, path, readonly=True)
-                    state._migrate()
-                    return state
-                # Without a -wal file the database is fully checkpointed: read it as immutable,
-                # so that not even the -shm/-wal side files are created. With one (a sync is
-                # running, or died), read through the WAL to see its latest commits.
-                wal = path.with_name(path.name + "-wal").exists()
-                mode = "ro" if wal else "ro&immutable=1"
-                conn = sqlite3.connect(
-                    f"file:{quote(str(path))}?mode={mode}",
-                    uri=True,
-                    check_same_thread=False,
-                    timeout=10,
-                )
-            else:
-                _private_parent(path)
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-                os.chmod(path, 0o600)
-                conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+            return cls._open_readonly(path) if readonly else cls._open_writable(path)
+        except sqlite3.Error as exc:
+            raise _translate(exc, path, "open it") from exc
+        except OSError as exc:
+            raise _os_failure(exc, path, "open it") from exc
+
+    @classmethod
+    def _open_readonly(cls, path: Path) -> State:
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            conn = sqlite3.connect(":memory:", check_same_thread=False)
+            conn.isolation_level = None
+            state = cls(conn, path, readonly=True)
+            state._migrate()
+            return state
+        fd = files.open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK, "state file")
+        try:
+            info = files.check_open_file(fd, path, "state file", owned_by_us=False, any_owner=True)
+            _refuse_empty(info, path)
+            for suffix in _SIDE_SUFFIXES:
+                _check_side_file(path.with_name(path.name + suffix), writer=False)
+            # Without a -wal file the database is fully checkpointed: read it as immutable, so
+            # that not even the -shm/-wal side files are created. With one (a sync is running,
+            # or died), read through the WAL to see its latest commits.
+            wal = os.path.lexists(path.with_name(path.name + "-wal"))
+            mode = "ro" if wal else "ro&immutable=1"
+            conn = sqlite3.connect(
+                f"file:{quote(str(path))}?mode={mode}",
+                uri=True,
+                check_same_thread=False,
+                timeout=10,
+            )
+        finally:
+            os.close(fd)
+        try:
+            conn.isolation_level = None
+            state = cls(conn, path, readonly=True)
+            state._check_ours()
+        except BaseException:
+            conn.close()
+            raise
+        return state
+
+    @classmethod
+    def _open_writable(cls, path: Path) -> State:
+        files.ensure_private_dir(path.parent, f"state file {path}")
+        if not os.path.lexists(path):
+            cls._create(path)
+        fd = files.open_nofollow(path, os.O_RDWR | os.O_NONBLOCK, "state file")
+        try:
+            info = files.check_open_file(fd, path, "state file", owned_by_us=True)
+            _refuse_empty(info, path)
+            for suffix in _SIDE_SUFFIXES:
+                _check_side_file(path.with_name(path.name + suffix), writer=True)
+            # mode=rw: SQLite never creates the file (only _create does, complete)
+            conn = sqlite3.connect(
+                f"file:{quote(str(path))}?mode=rw", uri=True, check_same_thread=False, timeout=30
+            )
+            try:
+                conn.isolation_level = None
+                state = cls(conn, path, readonly=False)
+                state._check_ours()
+                now = os.lstat(path)
+                if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+                    raise UnsafeFile(f"state file {path} was replaced while being opened")
+                if stat.S_IMODE(info.st_mode) & 0o077:  # ours, but others may read it
+                    os.fchmod(fd, 0o600)  # through the descriptor: never a link's target
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
-            conn.isolation_level = None  # explicit transactions only
-            state = cls(conn, path, readonly)
-            state._check_version()
-            if not readonly:
                 state._migrate()
-            return state
-        except sqlite3.DatabaseError as exc:
+            except BaseException:
+                conn.close()
+                raise
+        finally:
+            os.close(fd)
+        return state
+
+    @classmethod
+    def _create(cls, path: Path) -> None:
+        """Create the state file complete with its schema, or not at all.
+
+        Built in a fresh temporary file (0600) of the same directory, then hard-linked to its
+        name, which fails if the name exists (made meanwhile: then it is opened as it is). A
+        crash or a full disk never leaves an empty or half-made state file behind.
+        """
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+        os.close(fd)
+        try:
+            conn = sqlite3.connect(tmp_name, check_same_thread=False)
+            try:
+                conn.isolation_level = None
+                conn.execute("PRAGMA synchronous=FULL")  # the commit reaches the disk
+                cls(conn, path, readonly=False)._migrate()
+            finally:
+                conn.close()
+            try:
+                os.link(tmp_name, path)
+            except FileExistsError:
+                return
+            files.fsync_directory(path.parent)
+            log.info("state file %s created (schema version %d)", path, SCHEMA_VERSION)
+        finally:
+            for leftover in (tmp_name, tmp_name + "-journal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+
+    def _check_ours(self) -> None:
+        """Refuse a file that is not a slurm-tracker state of a schema we know (reads only)."""
+        conn = self._conn
+        (app,) = conn.execute("PRAGMA application_id").fetchone()
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        version = self._read_version(tables)
+        problem = ""
+        if app not in (0, APPLICATION_ID):
+            problem = f"its header names another application (application id {app:#x})"
+        elif version == 0:
+            problem = "it has no slurm-tracker schema version"
+        elif version > SCHEMA_VERSION:
             raise StateError(
-                f"state file {path} cannot be used: {exc}. If it is corrupt, move it aside and "
-                f"restore the latest backup; starting from an empty file would bill the "
-                f"overlap window again unless sacct.first_sync_start is set to the last sync"
-            ) from exc
-        except OSError as exc:
-            raise StateError(f"cannot open state file {path}: {exc.strerror or exc}") from exc
+                f"state file {self.path} has schema version {version}, newer than this "
+                f"slurm-tracker understands ({SCHEMA_VERSION}): upgrade slurm-tracker"
+            )
+        elif not _TABLES[version] <= tables:
+            missing = ", ".join(sorted(_TABLES[version] - tables))
+            problem = f"tables of schema version {version} are missing ({missing})"
+        if problem:
+            raise StateError(
+                f"state file {self.path} is not a slurm-tracker state file: {problem}. "
+                f"{_FRESH_START_HINT}"
+            )
+        self._schema = version
+
+    def _read_version(self, tables: Collection[str]) -> int:
+        if "meta" not in tables:
+            return 0
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(meta)")}
+        if not {"key", "value"} <= columns:
+            return 0
+        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        try:
+            version = int(row[0]) if row else 0
+        except (TypeError, ValueError):
+            return 0
+        return max(version, 0)
 
     def close(self) -> None:
-        self._conn.close()
+        with self._guard("close it"):
+            self._conn.close()
 
     def __enter__(self) -> State:
         return self
@@ -222,54 +552,75 @@ class State:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _version(self) -> int:
-        row = self._conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
-        ).fetchone()
-        if row is None:
-            return 0
-        got = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        return int(got[0]) if got else 0
-
-    def _check_version(self) -> None:
-        version = self._version()
-        if version > SCHEMA_VERSION:
-            raise StateError(
-                f"state file {self.path} has schema version {version}, newer than this "
-                f"slurm-tracker understands ({SCHEMA_VERSION}): upgrade slurm-tracker"
-            )
-
     def _migrate(self) -> None:
-        version = self._version()
-        if version >= SCHEMA_VERSION:
-            return
-        with self._tx() as cur:
+        """Bring a file of ours (or a new one) to SCHEMA_VERSION, in one transaction."""
+        with self._tx("migrate it") as cur:
+            tables = {
+                n for (n,) in cur.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            version = self._read_version(tables)
+            (app,) = cur.execute("PRAGMA application_id").fetchone()
+            if version >= SCHEMA_VERSION and app == APPLICATION_ID:
+                return
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for sql in _MIGRATIONS[step]:
                     cur.execute(sql)
-                if not self.readonly:
-                    log.info("state file %s migrated to schema version %d", self.path, step)
+            cur.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             cur.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+        if 0 < version < SCHEMA_VERSION:
+            log.info("state file %s migrated to schema version %d", self.path, SCHEMA_VERSION)
+        self._schema = SCHEMA_VERSION
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Cursor]:
+    def _guard(self, doing: str) -> Iterator[None]:
+        """Translate sqlite3 errors into StateUnavailable / StateError."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if _is_bug(exc):
+                raise
+            raise _translate(exc, self.path, doing) from exc
+
+    @contextmanager
+    def _tx(self, doing: str = "write to it") -> Iterator[sqlite3.Cursor]:
         """One IMMEDIATE transaction: all of it is committed, or none of it."""
-        with self._lock:
+        with self._guard(doing), self._lock:
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
+                cur.execute("COMMIT")  # a failed COMMIT (disk full) leaves it open: rolled back
             except BaseException:
-                cur.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        cur.execute("ROLLBACK")
                 raise
-            cur.execute("COMMIT")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        with self._lock:
+        with self._guard("read it"), self._lock:
             return self._conn.execute(sql, params).fetchall()
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's integrity check finds wrong, one line each (empty when sound).
+
+        Damage is reported, not raised (when the check itself stops on it, its error is the
+        last line); StateUnavailable when the file cannot be read right now.
+        """
+        lines: list[str] = []
+        with self._lock:
+            try:
+                for (row,) in self._conn.execute("PRAGMA integrity_check"):
+                    lines.extend(str(row).splitlines())
+            except sqlite3.Error as exc:
+                failure = _translate(exc, self.path, "check it")
+                if isinstance(failure, StateUnavailable):
+                    raise failure from exc
+                lines.append(str(exc))
+        problems = [line for line in lines if line and not line.startswith("*** in database")]
+        return [] if problems == ["ok"] else problems
 
     # ------------------------------------------------------------------ meta
     def _meta(self, key: str) -> Optional[str]:
@@ -284,6 +635,48 @@ class State:
         """Runs that ended before this instant may have lost their progress rows."""
         value = self._meta("pruned_before")
         return _time(int(value)) if value else None
+
+    def set_high_water(
+        self, at: datetime, now_at: datetime, *, overlap_s: int = 0
+    ) -> Optional[datetime]:
+        """Repair the high-water mark (it may move back); returns the mark it replaces.
+
+        Refused (StateError) after ``now_at`` or the real clock, and when the next window
+        (from ``at`` minus ``overlap_s``, the sacct overlap) would start before
+        ``pruned_before()``: runs that ended then are forgotten and would be billed twice.
+        """
+        self._writable()
+        clock = min(now_at, datetime.now(timezone.utc))
+        if at > clock:
+            raise StateError(
+                f"cannot set the high-water mark to {_iso(at)}: it is after now ({_iso(clock)}); "
+                "the mark may never be ahead of the clock"
+            )
+        with self._tx("set the high-water mark") as cur:
+            got: dict[str, str] = dict(
+                cur.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('high_water_at', 'pruned_before')"
+                ).fetchall()
+            )
+            pruned = _time(int(got["pruned_before"])) if "pruned_before" in got else None
+            if pruned is not None and at - timedelta(seconds=overlap_s) < pruned:
+                raise StateError(
+                    f"cannot set the high-water mark to {_iso(at)}: the state file no longer "
+                    f"remembers runs that ended before {_iso(pruned)} (pruned), and a window "
+                    f"starting before then would bill them a second time; choose "
+                    f"{_iso(pruned + timedelta(seconds=overlap_s))} or later"
+                )
+            cur.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water_at', ?)",
+                (str(_epoch(at)),),
+            )
+        old = _time(int(got["high_water_at"])) if "high_water_at" in got else None
+        log.warning(
+            "high-water mark set by hand to %s (it was %s)",
+            _iso(at),
+            _iso(old) if old else "unset",
+        )
+        return old
 
     # ------------------------------------------------------------------ progress
     def reported(self, runs: Iterable[RunKey]) -> dict[RunKey, int]:
@@ -318,13 +711,25 @@ class State:
         bodies: Sequence[Mapping[str, Any]],
         now_at: datetime,
         high_water_at: Optional[datetime] = None,
+        *,
+        held: Collection[str] = (),
+        quarantine: Sequence[QuarantineEntry] = (),
+        resolved: Collection[str] = (),
     ) -> int:
-        """Store new outbox rows, the runs' progress and the high-water mark in ONE transaction.
+        """Store a plan in ONE transaction: new outbox rows, the runs' progress, quarantined
+        records and the high-water mark.
 
-        Returns how many events were new (an event key already stored is left as it is).
+        Events whose key is in ``held`` are stored ``held`` (sent once released). Each
+        ``quarantine`` entry is recorded or seen again (re-opened if it was resolved); open
+        entries whose key is in ``resolved`` are closed (an entry in both stays open). The mark
+        never moves back, nor past the real clock. Returns how many events were new (an event
+        key already stored is left as it is).
         """
         self._writable()
+        if len(events) != len(bodies):
+            raise ValueError(f"{len(events)} events but {len(bodies)} bodies")
         now = _epoch(now_at)
+        held_keys = frozenset(held)
         progress: dict[str, tuple[int, int, bool]] = {}
         for event in events:
             seen = progress.get(event.run.text, (0, 0, False))
@@ -333,13 +738,15 @@ class State:
                 max(seen[1], _epoch(event.ended_at)),
                 seen[2] or event.final,
             )
+        entries = {e.key: e for e in quarantine}  # one sighting per key and plan
+        mark = None if high_water_at is None else _not_after_clock(high_water_at)
         added = 0
-        with self._tx() as cur:
+        with self._tx("store the plan") as cur:
             for event, body in zip(events, bodies):
                 cur.execute(
                     """INSERT OR IGNORE INTO outbox (event_key, allocation, sku, quantity,
                        started_at, ended_at, body, status, created_at, updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)""",
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         event.event_key,
                         event.allocation,
@@ -348,6 +755,7 @@ class State:
                         _epoch(event.started_at),
                         _epoch(event.ended_at),
                         json.dumps(body, sort_keys=True),
+                        "held" if event.event_key in held_keys else "pending",
                         now,
                         now,
                     ),
@@ -364,13 +772,38 @@ class State:
                          updated_at = excluded.updated_at""",
                     (run, seconds, end, int(final), now),
                 )
-            if high_water_at is not None:
+            for key in resolved:
+                cur.execute(
+                    "UPDATE quarantine SET resolved_at=? WHERE key=? AND resolved_at IS NULL",
+                    (now, key),
+                )
+            for entry in entries.values():
+                cur.execute(
+                    f"""INSERT INTO quarantine ({_QUARANTINE_COLUMNS})
+                       VALUES (?, ?, ?, ?, ?, ?, 1, NULL)
+                       ON CONFLICT (key) DO UPDATE SET
+                         job_id = excluded.job_id,
+                         reason = excluded.reason,
+                         text = excluded.text,
+                         last_seen_at = excluded.last_seen_at,
+                         times_seen = times_seen + 1,
+                         resolved_at = NULL""",
+                    (
+                        entry.key,
+                        entry.job_id,
+                        entry.reason[:QUARANTINE_TEXT_MAX],
+                        entry.text[:QUARANTINE_TEXT_MAX],
+                        now,
+                        now,
+                    ),
+                )
+            if mark is not None:
                 cur.execute(
                     """INSERT INTO meta (key, value) VALUES ('high_water_at', ?)
                        ON CONFLICT (key) DO UPDATE SET value =
                          CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))
                               AS TEXT)""",
-                    (str(_epoch(high_water_at)),),
+                    (str(_epoch(mark)),),
                 )
         return added
 
@@ -383,13 +816,16 @@ class State:
         self, statuses: Sequence[str] = STATUSES, limit: Optional[int] = None
     ) -> list[OutboxRow]:
         marks = ",".join("?" for _ in statuses)
-        sql = f"SELECT * FROM outbox WHERE status IN ({marks}) ORDER BY created_at, event_key"
+        sql = (
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE status IN ({marks}) "
+            "ORDER BY created_at, event_key"
+        )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [self._row(r) for r in self._query(sql, tuple(statuses))]
 
     def to_send(self) -> list[OutboxRow]:
-        """Events not yet acknowledged and not dead, oldest first."""
+        """Events not yet acknowledged, not dead and not held, oldest first."""
         return self.outbox(("pending", "sending"))
 
     @staticmethod
@@ -418,7 +854,7 @@ class State:
 
     def _set(self, key: str, now_at: datetime, sql: str, params: Sequence[Any]) -> None:
         self._writable()
-        with self._tx() as cur:
+        with self._tx(f"record the outcome of event {key}") as cur:
             cur.execute(
                 f"UPDATE outbox SET {sql}, updated_at=? WHERE event_key=?",
                 (*params, _epoch(now_at), key),
@@ -448,8 +884,13 @@ class State:
         return self._move(keys, ("dead", "dropped"), "pending", now_at)
 
     def drop(self, keys: Optional[Sequence[str]], now_at: datetime) -> int:
-        """Give up dead events (kept, marked dropped, for the record)."""
-        return self._move(keys, ("dead",), "dropped", now_at)
+        """Give up dead or held events (kept, marked dropped, for the record)."""
+        return self._move(keys, ("dead", "held"), "dropped", now_at)
+
+    def release(self, keys: Optional[Sequence[str]], now_at: datetime) -> int:
+        """Held events to pending (the next sync sends them); all held ones when ``keys`` is
+        None. Returns how many were released."""
+        return self._move(keys, ("held",), "pending", now_at)
 
     def _move(
         self, keys: Optional[Sequence[str]], from_: Sequence[str], to: str, now_at: datetime
@@ -457,7 +898,7 @@ class State:
         self._writable()
         marks = ",".join("?" for _ in from_)
         sql = f"UPDATE outbox SET status=?, updated_at=? WHERE status IN ({marks})"
-        with self._tx() as cur:
+        with self._tx(f"move events to {to}") as cur:
             if keys is None:
                 cur.execute(sql, (to, _epoch(now_at), *from_))
                 return cur.rowcount
@@ -467,9 +908,35 @@ class State:
                 count += cur.rowcount
             return count
 
+    # ------------------------------------------------------------------ quarantine
+    def quarantine_rows(self, include_resolved: bool = False) -> list[QuarantineRow]:
+        """Quarantined records, oldest first; only the open ones unless ``include_resolved``."""
+        if self._schema < 2:  # a file of schema 1 opened read-only: it has none
+            return []
+        sql = f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine"
+        if not include_resolved:
+            sql += " WHERE resolved_at IS NULL"
+        rows = []
+        for key, job_id, reason, text, first, last, times, resolved in self._query(
+            sql + " ORDER BY first_seen_at, key"
+        ):
+            first_at, last_at = _time(first), _time(last)
+            assert first_at is not None and last_at is not None
+            rows.append(
+                QuarantineRow(key, job_id, reason, text, first_at, last_at, times, _time(resolved))
+            )
+        return rows
+
+    def quarantine_count(self) -> int:
+        """How many quarantined records are open."""
+        if self._schema < 2:
+            return 0
+        return int(self._query("SELECT count(*) FROM quarantine WHERE resolved_at IS NULL")[0][0])
+
     # ------------------------------------------------------------------ housekeeping
     def prune(self, now_at: datetime, overlap_s: int, retention_s: int) -> tuple[int, int]:
-        """Forget final runs that no future window can return, and old acknowledged events.
+        """Forget final runs that no future window can return, old acknowledged events and
+        old resolved quarantine entries.
 
         A final run is kept while it could still appear in a window (ended after the high-water
         mark minus the overlap, with a day to spare). Returns (progress rows, outbox rows).
@@ -477,7 +944,8 @@ class State:
         self._writable()
         high = self.high_water_at()
         removed_runs = 0
-        with self._tx() as cur:
+        before = _epoch(now_at) - retention_s
+        with self._tx("prune it") as cur:
             if high is not None:
                 horizon = _epoch(high - timedelta(seconds=overlap_s) - timedelta(days=1))
                 cur.execute("DELETE FROM progress WHERE final=1 AND last_end_at < ?", (horizon,))
@@ -491,16 +959,20 @@ class State:
                     )
             cur.execute(
                 "DELETE FROM outbox WHERE status IN ('acked', 'dropped') AND updated_at < ?",
-                (_epoch(now_at) - retention_s,),
+                (before,),
             )
             removed_events = cur.rowcount
+            cur.execute(
+                "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND resolved_at < ?",
+                (before,),
+            )
         return removed_runs, removed_events
 
     def record_sync(
         self, started_at: datetime, finished_at: datetime, outcome: str, summary: Mapping[str, Any]
     ) -> None:
         self._writable()
-        with self._tx() as cur:
+        with self._tx("record the sync") as cur:
             cur.execute(
                 "INSERT INTO syncs (started_at, finished_at, outcome, summary) VALUES (?,?,?,?)",
                 (_epoch(started_at), _epoch(finished_at), outcome, json.dumps(summary)),
@@ -537,3 +1009,16 @@ class State:
             q, n = sums.get((allocation, sku), (Decimal(0), 0))
             sums[(allocation, sku)] = (q + Decimal(quantity), n + 1)
         return [(a, s, q, n) for (a, s), (q, n) in sorted(sums.items())]
+
+
+def _not_after_clock(at: datetime) -> datetime:
+    """``at``, or the real clock when ``at`` is later (a typo, or a pinned ``--now``)."""
+    clock = datetime.now(timezone.utc)
+    if at > clock:
+        log.warning(
+            "the high-water mark may not move past the real clock: %s kept at %s",
+            _iso(at),
+            _iso(clock),
+        )
+        return clock
+    return at

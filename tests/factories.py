@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Optional
 
 from slurm_tracker.models import JobRecord, Tres
-from slurm_tracker.sacct import LIVE_DELIMITER, LIVE_FIELDS
+from slurm_tracker.sacct import CAPTURE_DELIMITER, LIVE_FIELDS
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
 
@@ -55,7 +57,7 @@ def live_capture(rows: list[dict[str, str]]) -> bytes:
 
     Each row gives the fields that matter to the test; the others get plausible values.
     """
-    d = LIVE_DELIMITER
+    d = CAPTURE_DELIMITER
     lines = [d.join(LIVE_FIELDS) + d]
     for given in rows:
         job = given.get("JobID", "1")
@@ -75,3 +77,30 @@ def live_capture(rows: list[dict[str, str]]) -> bytes:
         }
         lines.append(d.join(values.get(f, "") for f in LIVE_FIELDS) + d)
     return ("\n".join(lines) + "\n").encode()
+
+
+FAKE_SACCT = '''#!{python}
+"""A stand-in for sacct: prints the records of a saved capture (the agent's capture format)
+in the delimiter and with the fields the command line asks for, as sacct --parsable would."""
+import sys
+
+args = sys.argv[1:]
+delimiter = next(a.split("=", 1)[1] for a in args if a.startswith("--delimiter="))
+fields = next(a.split("=", 1)[1] for a in args if a.startswith("--format=")).split(",")
+text = open({capture!r}, encoding="utf-8").read()
+head, _, body = text.partition("\\n")
+names = head.split("|#|")[:-1]
+out = [delimiter.join(fields) + delimiter]
+for chunk in body.split("|#|\\n"):
+    if chunk.strip():
+        row = dict(zip(names, chunk.split("|#|")))
+        out.append(delimiter.join(row.get(f, "") for f in fields) + delimiter)
+sys.stdout.write("\\n".join(out) + "\\n")
+'''
+
+
+def write_fake_sacct(path: Path, capture: Path) -> Path:
+    """An executable fake sacct at ``path`` that serves ``capture`` (see live_capture)."""
+    path.write_text(FAKE_SACCT.format(python=sys.executable, capture=str(capture)))
+    path.chmod(0o755)
+    return path

@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import ssl
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -21,7 +23,7 @@ import urllib3.exceptions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slurm_tracker import __version__, errors
+from slurm_tracker import __version__, api, config, errors
 from slurm_tracker.api import (
     AllocationsClient,
     Delivery,
@@ -388,6 +390,56 @@ def test_permanent_error_carries_the_api_message(
         client(rec).post_usage("physics", BODY)
     assert info.value.message.endswith(message)
     assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("status", "over", "expected"),
+    [
+        (200, False, None),
+        (200, True, OutcomeUnknown),
+        (500, True, OutcomeUnknown),
+        (400, True, errors.ApiError),
+        (401, True, FatalApiError),
+        (429, True, RateLimited),
+    ],
+)
+def test_an_answer_over_the_cap_keeps_its_status_or_is_unknown(
+    rsps: responses.RequestsMock,
+    rec: Recorder,
+    status: int,
+    over: bool,
+    expected: Optional[type[Exception]],
+) -> None:
+    cap = 1000
+    text = json.dumps(CREATED)
+    body = text + " " * (cap - len(text) + (1 if over else 0))
+    rsps.add(responses.POST, USAGE, status=status, body=body)
+    c = client(rec, max_response_bytes=cap)
+    if expected is None:
+        assert c.post_usage("physics", BODY) == CREATED
+        return
+    with pytest.raises(errors.TrackerError) as info:
+        c.post_usage("physics", BODY)
+    assert type(info.value) is expected
+    if status == 200:
+        assert "larger than 1000 bytes" in str(info.value)
+
+
+def test_a_long_error_message_is_clipped(rsps: responses.RequestsMock, rec: Recorder) -> None:
+    error = {"message": "m" * 50_000, "code": "c" * 5000, "errors": ["e" * 5000] * 20}
+    rsps.add(responses.POST, USAGE, status=422, json=error)
+    with pytest.raises(errors.ApiError) as info:
+        client(rec).post_usage("physics", BODY)
+    assert len(str(info.value)) < 3000
+    assert info.value.message.count("eeee...") == 10
+
+
+def test_a_deeply_nested_answer_is_outcome_unknown(
+    rsps: responses.RequestsMock, rec: Recorder
+) -> None:
+    rsps.add(responses.POST, USAGE, body="[" * 200_000 + "]" * 200_000)
+    with pytest.raises(OutcomeUnknown, match="not JSON"):
+        client(rec).post_usage("physics", BODY)
 
 
 # --- deliver -----------------------------------------------------------------------------------
@@ -800,6 +852,11 @@ def test_derive_base_url(
         (None, {}, "pwt_onlyonepart", "cannot derive"),
         (None, {}, "pwt_!!!.secret", "cannot derive"),
         (None, {}, f"pwt_{encode_host('a b')}.x", "cannot derive"),
+        ("http://foo.localhost:8080", {}, KEY, "plain http"),
+        ("http://foo.localhost.", {}, KEY, "plain http"),
+        ("http://localhost.evil.example", {}, KEY, "plain http"),
+        (None, {"PW_PLATFORM_HOST": "http://api.localhost"}, KEY, "plain http"),
+        (None, {}, f"pwt_{encode_host('http://evil.localhost:80')}.x", "plain http"),
     ],
 )
 def test_derive_base_url_refuses(
@@ -807,6 +864,39 @@ def test_derive_base_url_refuses(
 ) -> None:
     with pytest.raises(errors.ConfigError, match=problem):
         derive_base_url(url, key, environ)
+
+
+def test_the_client_uses_the_one_loopback_validator_of_the_config() -> None:
+    assert api.is_loopback is config.is_loopback
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("127.0.0.1", True),
+        ("127.255.0.9", True),
+        ("[::1]", True),
+        ("foo.localhost", False),
+        ("foo.localhost.", False),
+        ("localhost.localdomain", False),
+        ("127.0.0.1.nip.io", False),
+        ("128.0.0.1", False),
+        ("[::2]", False),
+        ("0.0.0.0", False),
+        ("example.org", False),
+    ],
+)
+def test_derive_base_url_allows_http_exactly_where_the_config_does(
+    host: str, loopback: bool
+) -> None:
+    assert config.is_loopback(host) is loopback
+    if loopback:
+        assert derive_base_url(f"http://{host}:8080", KEY, {}).startswith("http://")
+    else:
+        with pytest.raises(errors.ConfigError, match="plain http"):
+            derive_base_url(f"http://{host}:8080", KEY, {})
 
 
 @settings(max_examples=150, deadline=None)
@@ -827,15 +917,116 @@ def test_host_round_trips_through_a_key(
     assert derive_base_url(None, key, {}) == f"https://{netloc}"
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o700 | 0o070])
-def test_load_api_key_refuses_a_file_others_can_read(tmp_path: Path, mode: int) -> None:
+def assert_no_content(message: str, content: str) -> None:
+    """``message`` shows none of the key and no more than a few characters of ``content``."""
+    assert KEY not in message and SECRET not in message
+    for start in range(len(content) - 7):
+        assert content[start : start + 8] not in message, message
+
+
+@pytest.mark.parametrize(
+    ("mode", "hint"),
+    [
+        (0o644, "chmod 600"),
+        (0o640, "chmod 600"),
+        (0o604, "chmod 600"),
+        (0o660, "chmod go-w"),
+        (0o700 | 0o070, "chmod go-w"),
+        (0o602, "chmod go-w"),
+    ],
+)
+def test_load_api_key_refuses_a_file_others_can_read(tmp_path: Path, mode: int, hint: str) -> None:
     path = tmp_path / "api.key"
     path.write_text(KEY + "\n")
     path.chmod(mode)
-    with pytest.raises(errors.ConfigError) as info:
+    with pytest.raises(errors.UnsafeFile) as info:
         load_api_key(path, {"PW_API_KEY": "ignored"})
     assert str(path) in str(info.value)
-    assert "chmod 600" in str(info.value)
+    assert hint in str(info.value)
+    assert_no_content(str(info.value), KEY)
+
+
+def test_load_api_key_refuses_a_symbolic_link(tmp_path: Path) -> None:
+    target = tmp_path / "real.key"
+    target.write_text(KEY + "\n")
+    target.chmod(0o600)
+    link = tmp_path / "api.key"
+    link.symlink_to(target)
+    with pytest.raises(errors.UnsafeFile, match="symbolic link") as info:
+        load_api_key(link, {"PW_API_KEY": "ignored"})
+    assert_no_content(str(info.value), KEY)
+
+
+def test_load_api_key_refuses_a_file_of_another_user(tmp_path: Path) -> None:
+    # CI runs as root; chown to nobody (65534), as another local user could have made it
+    path = tmp_path / "api.key"
+    path.write_text(KEY + "\n")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(errors.UnsafeFile, match="uid 65534") as info:
+        load_api_key(path, {"PW_API_KEY": "ignored"})
+    assert_no_content(str(info.value), KEY)
+
+
+def test_load_api_key_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(0o777)
+    path = directory / "api.key"
+    path.write_text(KEY + "\n")
+    path.chmod(0o600)
+    with pytest.raises(errors.UnsafeFile, match="writable by group and others") as info:
+        load_api_key(path, {})
+    assert_no_content(str(info.value), KEY)
+
+
+def test_load_api_key_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "api.key"
+    os.mkfifo(path, 0o600)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_api_key(path, {})
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():  # blocked in open(): give it a writer so the thread can end
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail("opening a FIFO as the API key file blocked")
+    (exc,) = outcome
+    assert isinstance(exc, errors.UnsafeFile)
+    assert "not a regular file" in str(exc)
+
+
+def test_load_api_key_refuses_a_large_file_without_echoing_it(tmp_path: Path) -> None:
+    path = tmp_path / "api.key"
+    content = KEY + "\n" + "A" * 10_000 + "\n"
+    path.write_text(content)
+    path.chmod(0o600)
+    with pytest.raises(errors.ConfigError, match="larger than 4096 bytes") as info:
+        load_api_key(path, {})
+    assert_no_content(str(info.value), content)
+
+
+@pytest.mark.parametrize(
+    "content", [f"{KEY} extra\n", f"{KEY}:x\n", "é" + KEY, b"\xff\xfe" + KEY.encode()]
+)
+def test_load_api_key_bad_content_is_not_echoed(tmp_path: Path, content: Union[str, bytes]) -> None:
+    path = tmp_path / "api.key"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    path.chmod(0o600)
+    with pytest.raises(errors.ConfigError) as info:
+        load_api_key(path, {})
+    text = content if isinstance(content, str) else KEY
+    assert_no_content(str(info.value), text)
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o400])

@@ -6,7 +6,7 @@ import json
 import re
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from click.testing import Result
 from slurm_tracker.cli import main
 from slurm_tracker.state import State, StateLock
 from tests.conftest import cli_runner, shown
-from tests.factories import live_capture
+from tests.factories import live_capture, write_fake_sacct
 
 T = int(datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc).timestamp())
 BASE = "https://api.test"
@@ -142,8 +142,7 @@ def site(tmp_path: Path) -> Path:
     sacct = tmp_path / "fake-sacct"
     capture = tmp_path / "capture.txt"
     capture.write_bytes(live_capture(ROWS))
-    sacct.write_text(f"#!/bin/sh\ncat '{capture}'\n")
-    sacct.chmod(0o755)
+    write_fake_sacct(sacct, capture)
     (tmp_path / "config.yaml").write_text(CONFIG.format(base=BASE, sacct=sacct))
     return tmp_path
 
@@ -201,6 +200,7 @@ def test_live_dry_run_uses_sacct_and_writes_nothing(site: Path) -> None:
         (["sync", "--dry-run", "--sacct-file", "/nonexistent"], 2, "cannot read sacct file"),
         (["sync", "--dry-run", "--now", "yesterday"], 2, "not an RFC 3339 time"),
         (["sync", "--output", "xml"], 2, "Invalid value"),
+        (["sync", "--now", "2099-01-01T00:00:00Z"], 2, "--now pins the clock for dry runs"),
     ],
 )
 def test_usage_errors(site: Path, args: list[str], code: int, message: str) -> None:
@@ -282,37 +282,39 @@ def api() -> Any:
 
 
 def test_sync_posts_once_then_converges(site: Path, api: Api) -> None:
-    first = run(site, "sync", "--now", "2026-03-02T12:00:00Z", "--output", "json")
+    first = run(site, "sync", "--output", "json")
     assert first.exit_code == 0, shown(first)
     summary = json.loads(first.stdout)
     assert summary["posted"] == 3 and summary["pending"] == 0 and summary["outcome"] == "ok"
     assert sorted(e["quantity"] for e in api.events) == [1.0, 4.0, 4.0]
-    again = run(site, "sync", "--now", "2026-03-02T12:05:00Z", "--output", "json")
+    again = run(site, "sync", "--output", "json")
     assert json.loads(again.stdout)["posted"] == 0 and len(api.events) == 3
     dry = run(site, "sync", "--dry-run", "--now", "2026-03-02T12:10:00Z", "--output", "json")
     assert json.loads(dry.stdout)["events"] == []
-    status = run(site, "status", "--output", "json", "--now", "2026-03-02T12:10:00Z")
+    status = run(site, "status", "--output", "json")
     info = json.loads(status.stdout)
     assert info["outbox"]["acked"] == 3 and info["lastSync"]["outcome"] == "ok"
-    assert info["highWaterMark"] == "2026-03-02T12:03:00Z"
+    mark = datetime.fromisoformat(info["highWaterMark"].replace("Z", "+00:00"))
+    expected = datetime.now(timezone.utc) - timedelta(minutes=2)  # now - sacct.lag
+    assert abs((mark - expected).total_seconds()) < 120
     assert "secret-value" not in shown(first) + shown(again) + shown(status)
 
 
 def test_api_down_keeps_everything_pending_then_delivers(site: Path, api: Api) -> None:
     api.mode = "down"
-    down = run(site, "sync", "--now", "2026-03-02T12:00:00Z")
+    down = run(site, "sync")
     assert down.exit_code == 75, shown(down)
     with State.open(site / "state.db", readonly=True) as store:
         assert len(store.to_send()) == 3
     api.mode = "ok"
-    up = run(site, "sync", "--now", "2026-03-02T12:05:00Z")
+    up = run(site, "sync")
     assert up.exit_code == 0, shown(up)
     assert len(api.events) == 3
 
 
 def test_rejected_event_is_dead_lettered_listed_and_retried(site: Path, api: Api) -> None:
     api.mode = "reject-gpu"
-    result = run(site, "sync", "--now", "2026-03-02T12:00:00Z")
+    result = run(site, "sync")
     assert result.exit_code == 4
     assert len(api.events) == 2
     listing = run(site, "outbox", "list", "--status", "dead")
@@ -320,7 +322,7 @@ def test_rejected_event_is_dead_lettered_listed_and_retried(site: Path, api: Api
     assert run(site, "outbox", "retry").exit_code == 2  # names or --all required
     assert "1 event back to pending" in shown(run(site, "outbox", "retry", "--all"))
     api.mode = "ok"
-    assert run(site, "sync", "--now", "2026-03-02T12:05:00Z").exit_code == 0
+    assert run(site, "sync").exit_code == 0
     assert len(api.events) == 3
 
 
@@ -440,7 +442,7 @@ def test_an_unreachable_api_does_not_hold_the_sync(site: Path, api: Api) -> None
     many = [{**ROWS[0], "JobID": str(1000 + i)} for i in range(40)]
     (site / "capture.txt").write_bytes(live_capture(many))
     api.mode = "down"
-    result = run(site, "sync", "--now", "2026-03-02T12:00:00Z", "--output", "json")
+    result = run(site, "sync", "--output", "json")
     assert result.exit_code == 75
     assert json.loads(result.stdout)["pending"] == 40
     assert api.posts < 15  # three events fail in a row: the rest waits for the next run
@@ -449,7 +451,7 @@ def test_an_unreachable_api_does_not_hold_the_sync(site: Path, api: Api) -> None
 def test_dry_run_after_a_real_sync_shows_only_what_is_new(site: Path, api: Api) -> None:
     running = {**ROWS[0], "End": "Unknown", "ElapsedRaw": "1200", "State": "RUNNING"}
     (site / "capture.txt").write_bytes(live_capture([running]))
-    assert run(site, "sync", "--now", "2026-03-02T12:00:00Z").exit_code == 0
+    assert run(site, "sync").exit_code == 0
     # the last sacct.lag (2 min) of a running job is held back
     assert [e["metadata"]["elapsedTo"] for e in api.events] == [1080]
     (site / "capture.txt").write_bytes(live_capture([ROWS[0]]))  # it ended at 3600 s
@@ -469,7 +471,7 @@ def test_dry_run_after_a_real_sync_shows_only_what_is_new(site: Path, api: Api) 
     ]
     assert events[0]["quantity"] == round(4 * 2520 / 3600, 6)
     assert len(api.events) == 1
-    assert run(site, "sync", "--now", "2026-03-02T12:05:00Z").exit_code == 0
+    assert run(site, "sync").exit_code == 0
     assert [e["metadata"]["elapsedFrom"] for e in api.events] == [0, 1080]
 
 
@@ -484,7 +486,7 @@ def test_one_event_the_api_keeps_failing_on_blocks_no_other(site: Path, api: Api
     rows = [{**ROWS[0], "JobID": str(1000 + i)} for i in range(6)]
     (site / "capture.txt").write_bytes(live_capture(rows))
     api.mode = "poison"
-    result = run(site, "sync", "--now", "2026-03-02T12:00:00Z", "--output", "json")
+    result = run(site, "sync", "--output", "json")
     assert result.exit_code == 4
     summary = json.loads(result.stdout)
     assert (summary["posted"], summary["pending"]) == (5, 1)

@@ -26,11 +26,11 @@ from slurm_tracker.parse import (
     parse_time,
     parse_tres,
 )
-from slurm_tracker.sacct import LIVE_DELIMITER, LIVE_FIELDS
+from slurm_tracker.sacct import CAPTURE_DELIMITER, LIVE_FIELDS
 
 UTC = timezone.utc
 CET = timezone(timedelta(hours=1))
-D = LIVE_DELIMITER
+D = CAPTURE_DELIMITER
 
 
 def utc(
@@ -308,7 +308,7 @@ def row(**changes: str) -> dict[str, str]:
 def render(
     rows: Sequence[Mapping[str, str]],
     fields: Sequence[str] = LIVE_FIELDS,
-    delimiter: str = LIVE_DELIMITER,
+    delimiter: str = CAPTURE_DELIMITER,
     trailing: bool = True,
     header: bool = True,
 ) -> bytes:
@@ -412,7 +412,7 @@ def test_fields_in_any_order_with_extra_fields_and_lowercase_names() -> None:
 
 @pytest.mark.parametrize(
     ("delimiter", "trailing"),
-    [("|", True), ("|", False), ("\t", False), (LIVE_DELIMITER, False), ("\t", True)],
+    [("|", True), ("|", False), ("\t", False), (CAPTURE_DELIMITER, False), ("\t", True)],
 )
 def test_delimiters_detected_from_the_header(delimiter: str, trailing: bool) -> None:
     result = parse(
@@ -558,7 +558,7 @@ def test_headerless_input_needs_the_field_list() -> None:
 
 
 @pytest.mark.parametrize(
-    ("delimiter", "trailing"), [("|", False), ("|", True), (LIVE_DELIMITER, True), ("\t", False)]
+    ("delimiter", "trailing"), [("|", False), ("|", True), (CAPTURE_DELIMITER, True), ("\t", False)]
 )
 def test_headerless_input_with_fields(delimiter: str, trailing: bool) -> None:
     rows = [ROW, row(JobID="101", JobName="a|b")]
@@ -655,13 +655,19 @@ def test_truncated_and_extra_delimiter_records_in_the_live_format() -> None:
     ]
 
 
-def test_non_utf8_record_is_rejected() -> None:
-    data = render([GOOD, row(JobName="x"), GOOD]).replace(b"|#|x|#|", b"|#|\xff\xfe|#|")
-    result = parse(data)
+def test_non_utf8_job_name_is_billed_but_other_fields_are_rejected() -> None:
+    # Job names belong to users: bad bytes there must not get a record rejected (and so not
+    # billed); in a field Slurm controls they mean the record is damaged.
+    named = render([GOOD, row(JobName="x"), GOOD]).replace(b"|#|x|#|", b"|#|\xff\xfe|#|")
+    result = parse(named)
+    assert len(result.records) == 3 and not result.rejected
+    assert result.records[1].job_name == "\ufffd\ufffd"
+    damaged = render([GOOD, row(Account="physx"), GOOD]).replace(b"physx", b"phys\xff")
+    result = parse(damaged)
     assert len(result.records) == 2
     (rejected,) = result.rejected
     assert rejected.line == 3
-    assert "not valid UTF-8" in rejected.reason
+    assert "Account is not valid UTF-8" in rejected.reason
     assert "\ufffd" in rejected.text
 
 

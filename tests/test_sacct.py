@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import stat
 import sys
@@ -14,9 +15,11 @@ import pytest
 
 from slurm_tracker.errors import SacctUnavailable, TemporaryFailure
 from slurm_tracker.sacct import (
-    LIVE_DELIMITER,
+    CAPTURE_DELIMITER,
     LIVE_FIELDS,
     build_command,
+    live_fields,
+    new_delimiter,
     run_sacct,
     sacct_environment,
 )
@@ -33,11 +36,21 @@ def _fake(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def test_constants_other_modules_rely_on() -> None:
-    assert LIVE_DELIMITER == "|#|"
+    assert CAPTURE_DELIMITER == "|#|"
     assert LIVE_FIELDS[-1] == "JobName"
     assert {"Cluster", "JobIDRaw", "Submit", "Start", "End", "ElapsedRaw", "AllocTRES"} <= set(
         LIVE_FIELDS
     )
+
+
+D = new_delimiter()
+
+
+def test_new_delimiter_is_fresh_and_unpredictable() -> None:
+    seen = {new_delimiter() for _ in range(1000)}
+    assert len(seen) == 1000
+    for delimiter in seen:
+        assert re.fullmatch(r"\|~[0-9a-f]{32}~\|", delimiter)  # 128 random bits
 
 
 def test_build_command() -> None:
@@ -45,7 +58,10 @@ def test_build_command() -> None:
         "/usr/bin/sacct",
         datetime(2026, 1, 1, tzinfo=UTC),
         datetime(2026, 1, 1, 12, 30, 5, tzinfo=UTC),
-        ["--clusters", "c1"],
+        ["--accounts=physics"],
+        delimiter=D,
+        fields=live_fields(with_job_name=True),
+        clusters=("c1", "c2"),
     )
     assert argv == [
         "/usr/bin/sacct",
@@ -53,17 +69,52 @@ def test_build_command() -> None:
         "--allocations",
         "--duplicates",
         "--parsable",
-        "--delimiter=|#|",
+        f"--delimiter={D}",
         "--format=Cluster,JobID,JobIDRaw,Account,Partition,User,Group,QOS,Submit,Eligible,"
         "Start,End,ElapsedRaw,State,ExitCode,AllocTRES,NNodes,NodeList,Reservation,JobName",
         "--starttime",
         "2026-01-01T00:00:00",
         "--endtime",
         "2026-01-01T12:30:05",
-        "--clusters",
-        "c1",
+        "--clusters=c1,c2",
+        "--accounts=physics",
     ]
     assert "--noheader" not in argv
+
+
+def test_job_names_are_fetched_only_when_asked_for() -> None:
+    assert live_fields(with_job_name=True)[-1] == "JobName"
+    assert "JobName" not in live_fields(with_job_name=False)
+    argv = build_command(
+        "sacct",
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 2, tzinfo=UTC),
+        delimiter=D,
+        fields=live_fields(with_job_name=False),
+    )
+    assert not any("JobName" in arg for arg in argv)
+
+
+@pytest.mark.parametrize("delimiter", ["|#|", "|", "|~0123~|", ""])
+def test_build_command_refuses_a_predictable_delimiter(delimiter: str) -> None:
+    with pytest.raises(ValueError, match="new_delimiter"):
+        build_command(
+            "sacct",
+            datetime(2026, 1, 1, tzinfo=UTC),
+            datetime(2026, 1, 2, tzinfo=UTC),
+            delimiter=delimiter,
+        )
+
+
+def test_build_command_keeps_job_name_last() -> None:
+    with pytest.raises(ValueError, match="last"):
+        build_command(
+            "sacct",
+            datetime(2026, 1, 1, tzinfo=UTC),
+            datetime(2026, 1, 2, tzinfo=UTC),
+            delimiter=D,
+            fields=("JobName", "JobIDRaw"),
+        )
 
 
 def test_build_command_converts_to_utc() -> None:
@@ -72,16 +123,17 @@ def test_build_command_converts_to_utc() -> None:
         "sacct",
         datetime(2026, 1, 1, 1, 0, tzinfo=oslo_winter),
         datetime(2026, 1, 2, 1, 0, tzinfo=oslo_winter),
+        delimiter=D,
     )
     assert argv[-4:] == ["--starttime", "2026-01-01T00:00:00", "--endtime", "2026-01-02T00:00:00"]
 
 
 def test_build_command_refuses_naive_times() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
-        build_command("sacct", datetime(2026, 1, 1), datetime(2026, 1, 2, tzinfo=UTC))
+        build_command("sacct", datetime(2026, 1, 1), datetime(2026, 1, 2, tzinfo=UTC), delimiter=D)
 
 
-def test_sacct_environment() -> None:
+def test_sacct_environment_is_an_allow_list() -> None:
     base = {
         "PATH": "/usr/bin",
         "SLURM_CONF": "/etc/slurm/slurm.conf",
@@ -94,13 +146,22 @@ def test_sacct_environment() -> None:
         "SLURM_BITSTR_LEN": "8",
         "SLURM_JSON": "compact",
         "SLURM_YAML": "compact",
+        "SLURM_CLUSTERS": "other",
+        "PW_API_KEY": "pwt_c2VjcmV0.never-for-sacct",
+        "PW_PLATFORM_HOST": "api.example.org",
+        "SLURM_TRACKER_CONFIG": "/etc/slurm-tracker/config.yaml",
+        "LD_PRELOAD": "/tmp/evil.so",
         "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
     }
     env = sacct_environment(base)
     assert env == {
         "PATH": "/usr/bin",
         "SLURM_CONF": "/etc/slurm/slurm.conf",
         "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
         "TZ": "UTC",
         "SLURM_TIME_FORMAT": "%s",
     }
@@ -117,9 +178,11 @@ def test_run_sacct_success_passes_argv_and_environment(tmp_path: Path) -> None:
         "sys.stderr.write('a warning\\n')",
     )
     argv = build_command(
-        str(fake), datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+        str(fake), datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC), delimiter=D
     )
-    environ = sacct_environment({"PATH": "/usr/bin:/bin", "SACCT_FORMAT": "JobID"})
+    environ = sacct_environment(
+        {"PATH": "/usr/bin:/bin", "SACCT_FORMAT": "JobID", "PW_API_KEY": "pwt_x.y"}
+    )
 
     out = run_sacct(argv, timeout_s=30, environ=environ)
 
@@ -129,6 +192,7 @@ def test_run_sacct_success_passes_argv_and_environment(tmp_path: Path) -> None:
     assert recorded["env"]["TZ"] == "UTC"
     assert recorded["env"]["SLURM_TIME_FORMAT"] == "%s"
     assert "SACCT_FORMAT" not in recorded["env"]
+    assert "PW_API_KEY" not in recorded["env"]
 
 
 def test_run_sacct_never_uses_a_shell(tmp_path: Path) -> None:

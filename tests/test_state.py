@@ -14,7 +14,15 @@ from slurm_tracker.errors import LockHeld, StateError
 from slurm_tracker.events import plan, request_body
 from slurm_tracker.models import PlannedEvent, SkuCharge
 from slurm_tracker.segments import split
-from slurm_tracker.state import SCHEMA_VERSION, State, StateLock
+from slurm_tracker.state import (
+    APPLICATION_ID,
+    QUARANTINE_TEXT_MAX,
+    SCHEMA_VERSION,
+    QuarantineEntry,
+    QuarantineRow,
+    State,
+    StateLock,
+)
 from tests.factories import record
 
 NOW = datetime(2026, 3, 11, tzinfo=timezone.utc)
@@ -189,3 +197,240 @@ def test_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
     with StateLock(path) as lock:  # free again once the holder is gone
         lock.acquire(NOW)
     assert stat.S_IMODE(os.stat(str(path) + ".lock").st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------- schema 2
+V1_DDL = (  # the schema of version 1 as it was released, verbatim
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE progress (
+        run TEXT PRIMARY KEY,          -- cluster:jobidraw:submit-epoch
+        reported_s INTEGER NOT NULL,   -- elapsed seconds billed so far
+        last_end_at INTEGER NOT NULL,  -- wall-clock end of the last billed segment (epoch)
+        final INTEGER NOT NULL,        -- the run has ended and is fully billed
+        updated_at INTEGER NOT NULL
+    )""",
+    """CREATE TABLE outbox (
+        event_key TEXT PRIMARY KEY,
+        allocation TEXT NOT NULL,
+        sku TEXT NOT NULL,
+        quantity TEXT NOT NULL,        -- decimal text
+        started_at INTEGER NOT NULL,
+        ended_at INTEGER NOT NULL,
+        body TEXT NOT NULL,            -- the JSON request body
+        status TEXT NOT NULL CHECK (status IN
+            ('pending', 'sending', 'acked', 'dead', 'dropped')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        outcome_unknown INTEGER NOT NULL DEFAULT 0,  -- an earlier attempt may have landed
+        last_error TEXT NOT NULL DEFAULT '',
+        event_id TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    )""",
+    "CREATE INDEX outbox_status ON outbox (status, created_at)",
+    """CREATE TABLE syncs (
+        id INTEGER PRIMARY KEY,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        summary TEXT NOT NULL          -- JSON counts
+    )""",
+)
+V1_TABLES = ("meta", "progress", "outbox", "syncs")
+
+
+def _v1_file(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """A state file as version 1 wrote it (no application id), with rows in every table."""
+    conn = sqlite3.connect(path)
+    for sql in V1_DDL:
+        conn.execute(sql)
+    conn.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [("schema_version", "1"), ("high_water_at", "1773180000"), ("pruned_before", "1772000000")],
+    )
+    conn.executemany(
+        "INSERT INTO progress VALUES (?, ?, ?, ?, ?)",
+        [("box:7:1773100000", 3600, 1773103600, 1, 1773180000), ("box:8:1773100000", 60, 1, 0, 2)],
+    )
+    for n, status in enumerate(("pending", "sending", "acked", "dead", "dropped")):
+        conn.execute(
+            "INSERT INTO outbox VALUES (?, 'physics', 'SLURM_CPU_HOUR', ?, 1, 2, ?, ?, ?, ?, ?, ?,"
+            " 1773100000, 1773100001)",
+            (
+                f"st1:box:{n}",
+                f"{n}.250000",
+                f'{{"quantity": {n}}}',
+                status,
+                n,
+                n % 2,
+                "HTTP 400" if status == "dead" else "",
+                "evt-2" if status == "acked" else None,
+            ),
+        )
+    conn.execute("INSERT INTO syncs VALUES (1, 10, 20, 'ok', '{\"events\": 5}')")
+    conn.commit()
+    rows = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in V1_TABLES}
+    conn.close()
+    path.chmod(0o600)
+    return rows
+
+
+def test_migration_from_schema_1_keeps_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    before = _v1_file(path)
+    raw = path.read_bytes()
+    with State.open(path, readonly=True) as store:  # a dry run reads it as it is
+        assert store.counts() == {
+            "pending": 1,
+            "held": 0,
+            "sending": 1,
+            "acked": 1,
+            "dead": 1,
+            "dropped": 1,
+        }
+        assert store.quarantine_rows() == [] and store.quarantine_count() == 0
+    assert path.read_bytes() == raw
+    with State.open(path) as store:
+        assert store.high_water_at() == datetime.fromtimestamp(1773180000, timezone.utc)
+        assert [r.event_key for r in store.to_send()] == ["st1:box:0", "st1:box:1"]
+        assert store.to_send()[1].needs_lookup
+        events = events_for("42")
+        store.commit_plan(
+            events, [request_body(e) for e in events], NOW, held={events[0].event_key}
+        )
+        assert store.counts()["held"] == 1
+    conn = sqlite3.connect(path)
+    after = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in V1_TABLES}
+    for table in ("outbox", "progress"):  # every old row, unchanged, and the new ones
+        assert set(before[table]) < set(after[table])
+        assert len(after[table]) == len(before[table]) + 1
+    assert after["syncs"] == before["syncs"]
+    assert dict(after["meta"])["schema_version"] == str(SCHEMA_VERSION) == "2"
+    assert {k: v for k, v in after["meta"] if k != "schema_version"} == {
+        k: v for k, v in before["meta"] if k != "schema_version"
+    }
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"outbox_status", "quarantine", "quarantine_open"} <= names
+    assert "outbox_v2" not in names
+    with pytest.raises(sqlite3.IntegrityError):  # the rebuilt CHECK still refuses the unknown
+        conn.execute("UPDATE outbox SET status='bogus' WHERE event_key='st1:box:0'")
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    conn.close()
+
+
+def test_held_events_wait_for_an_operator(tmp_path: Path) -> None:
+    a, b, c = events_for("7")[0], events_for("8")[0], events_for("9")[0]
+    with State.open(tmp_path / "s.db") as store:
+        store.commit_plan(
+            [a, b, c], [request_body(e) for e in (a, b, c)], NOW, held={b.event_key, c.event_key}
+        )
+        assert [r.event_key for r in store.to_send()] == [a.event_key]
+        assert store.counts()["held"] == 2
+        assert {r.event_key for r in store.outbox(("held",))} == {b.event_key, c.event_key}
+        assert store.release([b.event_key, "st1:unknown"], NOW) == 1
+        assert store.release([b.event_key], NOW) == 0  # already released
+        assert {r.event_key for r in store.to_send()} == {a.event_key, b.event_key}
+        # planned again (the same key) while held or pending: left as it is
+        assert store.commit_plan([c, a], [request_body(c), request_body(a)], NOW, held=()) == 0
+        assert store.counts()["held"] == 1
+        assert store.release(None, NOW) == 1
+        assert store.counts()["held"] == 0 and len(store.to_send()) == 3
+        store.mark_acked(a.event_key, "x", NOW)
+        assert store.release(None, NOW) == 0  # only held events move
+
+
+def test_quarantine_is_stored_with_the_plan_and_resolved(tmp_path: Path) -> None:
+    first = QuarantineEntry("box:1:100", "1", "End before Start", "1|box|...")
+    second = QuarantineEntry("sha256:ab12", "?", "7 fields, 30 expected", "x" * 5000)
+    later = NOW + timedelta(hours=1)
+    with State.open(tmp_path / "s.db") as store:
+        store.commit_plan([], [], NOW, NOW, quarantine=[first, second, first])
+        rows = store.quarantine_rows()
+        assert [r.key for r in rows] == ["box:1:100", "sha256:ab12"]
+        assert rows[0] == QuarantineRow(
+            "box:1:100", "1", "End before Start", "1|box|...", NOW, NOW, 1, None
+        )
+        assert len(rows[1].text) == QUARANTINE_TEXT_MAX
+        assert store.quarantine_count() == 2
+        # seen again with another reason; the second one billed meanwhile (resolved)
+        again = QuarantineEntry("box:1:100", "1", "Start before Submit", "1|box|..2")
+        store.commit_plan([], [], later, quarantine=[again], resolved=["sha256:ab12", "nope"])
+        assert store.quarantine_count() == 1
+        (row,) = store.quarantine_rows()
+        assert (row.reason, row.text, row.times_seen) == ("Start before Submit", "1|box|..2", 2)
+        assert (row.first_seen_at, row.last_seen_at, row.resolved_at) == (NOW, later, None)
+        resolved = store.quarantine_rows(include_resolved=True)[1]
+        assert resolved.key == "sha256:ab12" and resolved.resolved_at == later
+        # a resolved record that turns bad again is open again
+        store.commit_plan([], [], later, quarantine=[second])
+        assert store.quarantine_count() == 2
+        store.commit_plan([], [], later, resolved=["sha256:ab12"])
+        # a failing plan stores no quarantine either
+        events = events_for("3")
+        with pytest.raises(TypeError):
+            store.commit_plan(
+                events,
+                [{"bad": object()}],
+                later,
+                quarantine=[QuarantineEntry("k", "3", "r", "t")],
+                resolved=["box:1:100"],
+            )
+        assert [r.key for r in store.quarantine_rows()] == ["box:1:100"]
+        # prune forgets resolved entries older than the retention, never open ones
+        assert store.prune(later + timedelta(days=29), 3600, 30 * 86400) == (0, 0)
+        assert len(store.quarantine_rows(include_resolved=True)) == 2
+        store.prune(later + timedelta(days=31), 3600, 30 * 86400)
+        assert [r.key for r in store.quarantine_rows(include_resolved=True)] == ["box:1:100"]
+
+
+def test_commit_plan_needs_one_body_per_event(tmp_path: Path) -> None:
+    with State.open(tmp_path / "s.db") as store, pytest.raises(ValueError, match="bodies"):
+        store.commit_plan(events_for("1"), [], NOW)
+
+
+def test_the_mark_never_moves_past_the_real_clock(tmp_path: Path) -> None:
+    with State.open(tmp_path / "s.db") as store:
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        store.commit_plan([], [], NOW, datetime(2099, 1, 1, tzinfo=timezone.utc))  # --now typo
+        mark = store.high_water_at()
+        assert mark is not None and before <= mark <= datetime.now(timezone.utc)
+        store.commit_plan([], [], NOW, NOW)  # and it still never moves back
+        assert store.high_water_at() == mark
+
+
+def test_set_high_water_repairs_the_mark_within_what_is_remembered(tmp_path: Path) -> None:
+    with State.open(tmp_path / "s.db") as store:
+        assert store.set_high_water(NOW - timedelta(days=1), NOW) is None
+        assert store.high_water_at() == NOW - timedelta(days=1)
+        with pytest.raises(StateError, match="after now"):
+            store.set_high_water(NOW + timedelta(seconds=1), NOW)
+        with pytest.raises(StateError, match="after now"):  # the real clock bounds it too
+            store.set_high_water(
+                datetime(2099, 1, 1, tzinfo=timezone.utc), datetime(2100, 1, 1, tzinfo=timezone.utc)
+            )
+        # a wrong mark far ahead (written before the clamp existed) is moved back
+        store.commit_plan([], [], NOW, NOW)
+        assert store.set_high_water(NOW - timedelta(days=2), NOW) == NOW
+        assert store.high_water_at() == NOW - timedelta(days=2)
+        # runs that ended before pruned_before are forgotten: a window from before then is refused
+        events = events_for("9")  # ended 2026-03-10 13:00
+        store_events(store, events, NOW)
+        store.prune(NOW, 3600, 30 * 86400)
+        store.commit_plan([], [], NOW, NOW + timedelta(days=5))
+        store.prune(NOW + timedelta(days=5), 3600, 30 * 86400)
+        pruned = store.pruned_before()
+        assert pruned is not None
+        with pytest.raises(StateError, match="bill them a second time"):
+            store.set_high_water(
+                pruned + timedelta(minutes=30), NOW + timedelta(days=5), overlap_s=3600
+            )
+        with pytest.raises(StateError, match="pruned"):
+            store.set_high_water(pruned - timedelta(seconds=1), NOW + timedelta(days=5))
+        assert store.high_water_at() == NOW + timedelta(days=5)  # unchanged by refusals
+        store.set_high_water(pruned + timedelta(hours=1), NOW + timedelta(days=5), overlap_s=3600)
+        assert store.high_water_at() == pruned + timedelta(hours=1)
+    with (
+        State.open(tmp_path / "s.db", readonly=True) as store,
+        pytest.raises(StateError, match="read-only"),
+    ):
+        store.set_high_water(NOW, NOW)

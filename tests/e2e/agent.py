@@ -112,13 +112,22 @@ class Agent:
     """slurm-tracker with a config of its own in ``workdir`` (state file beside it)."""
 
     def __init__(
-        self, workdir: Path, api_url: str, first_sync_start_at: datetime, **settings: str
+        self,
+        workdir: Path,
+        api_url: str,
+        first_sync_start_at: datetime,
+        *,
+        extra_config: str = "",
+        **settings: str,
     ) -> None:
+        """``extra_config``: YAML appended to the config as is (top-level sections the
+        template leaves out, e.g. ``"metadata: {fields: [job_name]}\n"``)."""
         self.workdir = workdir
         self.config = workdir / "config.yaml"
         self.state = workdir / "state" / "state.db"
         self.api_url = api_url
         self.first_sync_start_at = first_sync_start_at
+        self.extra_config = extra_config
         self.settings = dict(DEFAULT_SETTINGS)
         self.configure(**settings)
 
@@ -136,6 +145,7 @@ class Agent:
                 first_sync_start=rfc3339(self.first_sync_start_at),
                 **self.settings,
             )
+            + self.extra_config
         )
 
     def argv(self, *args: str) -> list[str]:
