@@ -198,6 +198,7 @@ WHERE_CONFIG_IS_READ = (
 
 _SHOWN_MAX = 60  # longer harmless values are shortened in messages
 _API_KEY_WORD = re.compile(r"(?<![A-Za-z0-9_])pwt_")  # the API key's prefix, at a word start
+_API_KEY = re.compile(r"(?<![A-Za-z0-9_])pwt_[A-Za-z0-9_-]+\.\S{4}")  # pwt_<host>.<secret>
 _LONG_RUN = re.compile(r"\S{20,}")
 
 
@@ -230,10 +231,10 @@ def shown_value(text: str, *, redact: bool = False) -> str:
     return text
 
 
-def _quoted(text: str, *, redact: bool = False) -> str:
+def _quoted(text: str) -> str:
     """``"text"`` (JSON quoting) when it may be shown, else its redacted form (unquoted)."""
-    if redact or looks_secret(text):
-        return shown_value(text, redact=True)
+    if looks_secret(text):
+        return shown_value(text)
     return json.dumps(shown_value(text), ensure_ascii=False)
 
 
@@ -407,7 +408,7 @@ class GuardedLoader(yaml.SafeLoader):
             return super().construct_object(node, deep)
         except yaml.YAMLError:
             raise
-        except (ValueError, TypeError, AttributeError, ArithmeticError) as exc:
+        except (ValueError, TypeError, AttributeError, LookupError, ArithmeticError) as exc:
             tag = str(node.tag)
             kind = tag.rsplit(":", 1)[-1] if tag.startswith("tag:yaml.org,2002:") else "its tag"
             shown = _shown_repr(node.value) if isinstance(node, ScalarNode) else "this value"
@@ -701,9 +702,10 @@ class _Reader:
     # -- the document
 
     def read(self, root: Optional[Node], source: str) -> Optional[Config]:
-        if root is None:
+        if _is_null(root):  # nothing, comments only, or an empty document (---)
             self.add((), None, "the file is empty: start from config.example.yaml")
             return None
+        assert root is not None
         if not isinstance(root, MappingNode):
             self.not_a_configuration(root)
             return None
@@ -749,7 +751,7 @@ class _Reader:
         """A file whose top level is not a mapping may be anything (an API key file, a private
         key): say so without showing more than a redacted prefix of it."""
         hint = ""
-        if isinstance(root, ScalarNode) and _API_KEY_WORD.search(str(root.value)):
+        if isinstance(root, ScalarNode) and _API_KEY.search(str(root.value)):
             hint = (
                 "; it looks like an API key: the key's file belongs in api.api_key_file, "
                 "never in --config"
@@ -769,7 +771,7 @@ class _Reader:
             return
         seen.add(id(node))
         if isinstance(node, ScalarNode):
-            if _API_KEY_WORD.search(str(node.value)):
+            if _API_KEY.search(str(node.value)):
                 self.add(
                     path,
                     node,
@@ -1700,6 +1702,8 @@ def _sacct_value_problem(option: str, value: Optional[str]) -> Optional[str]:
         return f"{option} needs a value, got an empty one: write {usage}"
     if value.startswith("-"):
         return f"{option} needs a value, but {_quoted(value)} looks like an option: write {usage}"
+    if value.startswith("="):
+        return f"the value {_quoted(value)} of {option} starts with '=': write {usage}"
     if value != value.strip() or any(unicodedata.category(c) == "Cc" for c in value):
         return f"the value {_quoted(value)} of {option} has blanks around it or control characters"
     return None
@@ -1735,14 +1739,19 @@ def sacct_arg_problems(args: Sequence[str]) -> list[tuple[int, str]]:
                 skip_next = not has_value and name in _SACCT_LONG_WITH_VALUE
             else:
                 known = sorted(option for option in _SACCT_LONG if name and option.startswith(name))
-                allowed = [option for option in known if option in _SACCT_ALLOWED_LONG]
-                if len(allowed) == 1 and len(known) == 1:
+                if len(known) == 1 and known[0] in _SACCT_ALLOWED_LONG:
                     problem = (
-                        f"{shown} is an abbreviation: write the full name --{allowed[0]} "
+                        f"{shown} is an abbreviation: write the full name --{known[0]} "
                         "(abbreviations are refused: they may name another option in another "
                         "Slurm version)"
                     )
                     skip_next = not has_value
+                elif len(known) == 1:
+                    problem = (
+                        f"{shown} is an abbreviation of --{known[0]}, which is refused: "
+                        f"{_sacct_refusal_long(known[0])}"
+                    )
+                    skip_next = not has_value and known[0] in _SACCT_LONG_WITH_VALUE
                 elif known:
                     problem = (
                         f"{shown} is an abbreviation (of --{', --'.join(known)}): abbreviations "

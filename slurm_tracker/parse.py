@@ -236,8 +236,8 @@ def parse_state(text: str) -> str:
 
 
 def _count(name: str, value: str) -> int:
-    if not _UINT_RE.fullmatch(value):
-        raise ValueError(f"{name}={value!r} is not a count")
+    if not _UINT_RE.fullmatch(value) or len(value) > 18:
+        raise ValueError(f"{name}={_short(value)} is not a plausible count")
     number = int(value)
     if number >= _NO_VAL:
         raise ValueError(f"{name}={value} is Slurm's 'no value' marker, not a count")
@@ -590,7 +590,14 @@ def _field(row: Mapping[str, str], name: str, parser: Callable[..., _T], *args: 
     try:
         return parser(value, *args)
     except ValueError as exc:
-        raise _Bad(f"{name} {value!r}: {exc}") from exc
+        detail = str(exc) if len(str(exc)) <= 300 else str(exc)[:300] + "..."
+        raise _Bad(f"{name} {_short(value)}: {detail}") from exc
+
+
+def _short(value: str, limit: int = 60) -> str:
+    """``value`` quoted for a message, at most ``limit`` characters of it."""
+    shown = value if len(value) <= limit else value[:limit] + f"... ({len(value)} characters)"
+    return repr(shown)
 
 
 def _elapsed(value: Optional[int], name: str, start_at: Optional[datetime]) -> int:
@@ -633,8 +640,8 @@ def _job_from_row(
     end_at = _field(row, "End", parse_time, tz)
     if "ElapsedRaw" in row:
         raw = row["ElapsedRaw"].strip()
-        if raw and not re.fullmatch(r"-?[0-9]+", raw):
-            raise _Bad(f"ElapsedRaw {raw!r} is not a number of seconds")
+        if raw and not re.fullmatch(r"-?[0-9]{1,18}", raw):
+            raise _Bad(f"ElapsedRaw {_short(raw)} is not a plausible number of seconds")
         elapsed_s = _elapsed(int(raw) if raw else None, "ElapsedRaw", start_at)
     else:
         elapsed_s = _elapsed(_field(row, "Elapsed", parse_duration), "Elapsed", start_at)
@@ -697,7 +704,9 @@ def parse_live(
     steps = 0
     line = 2
     position = len(header)
-    while data[position:].strip():
+    while position < len(data):
+        if data[position : position + 1].isspace() and not data[position:].strip():
+            break  # only blanks are left (checked when a blank is seen: it stays linear)
         chunk, problem, next_position = _live_record(data, position, mark, len(fields))
         outcome = _read_record(chunk, layout, problem, line=line, cluster=cluster, tz=timezone.utc)
         if isinstance(outcome, Rejected):

@@ -145,14 +145,11 @@ def plan_usage(
     checked: set[str] = set()
     for record in records:
         try:
+            if record.run not in reported and _forgotten(record, forgotten_before):
+                skipped.append(_forgotten_skip(record, forgotten_before))
+                continue  # not "checked": a quarantine entry of the run stays open
             outcome = _plan_record(
-                record,
-                reported.get(record.run, 0),
-                config,
-                catalog,
-                policy,
-                now_at,
-                (floor_at, forgotten_before),
+                record, reported.get(record.run, 0), config, catalog, policy, now_at, floor_at
             )
         except Exception as exc:  # one record must never stop a sync
             log.debug("job %s: planning failed", record.job_id, exc_info=True)
@@ -188,12 +185,9 @@ def _plan_record(
     catalog: Optional[rating.Catalog],
     policy: SegmentPolicy,
     now_at: Optional[datetime],
-    floors: tuple[Optional[datetime], Optional[datetime]],
+    floor_at: Optional[datetime],
 ) -> Union[tuple[list[PlannedEvent], list[str]], Skipped, Rejected]:
-    """The events of one run (with rating problems), or why it gives none.
-
-    ``floors``: the billing floor and the pruning horizon (see plan_usage)."""
-    floor_at, forgotten_before = floors
+    """The events of one run (with rating problems), or why it gives none."""
     clusters = config.sacct.clusters
     if clusters and record.cluster not in (config.cluster, *clusters):
         return _rejected(
@@ -206,19 +200,6 @@ def _plan_record(
         problem = implausible(record, now_at, config.limits)
         if problem is not None:
             return _rejected(record, problem)
-    if (
-        forgotten_before is not None
-        and record.end_at is not None
-        and record.end_at < forgotten_before
-        and reported_s == 0
-    ):
-        return Skipped(
-            record.job_id,
-            f"ended before {forgotten_before:%Y-%m-%dT%H:%M:%SZ}, where the state file no "
-            "longer remembers what was billed: it may have been billed already, so it is not "
-            "billed again",
-            record.run,
-        )
     if floor_at is not None and record.start_at is not None:
         floor_s = int((floor_at - record.start_at).total_seconds())
         if floor_s >= policy.billable_s(record) and record.final:
@@ -245,6 +226,27 @@ def _plan_record(
         if problem:
             problems.append(problem)
     return events, problems
+
+
+def _forgotten(record: JobRecord, forgotten_before: Optional[datetime]) -> bool:
+    """Whether the state file may have forgotten ``record``'s billing (it has no progress row).
+
+    State.prune drops final runs whose billed usage ended (start + elapsed seconds) before its
+    horizon; the same measure is used here, so every pruned run is caught, whatever suspended
+    time put its real End later.
+    """
+    if forgotten_before is None or not record.final or record.start_at is None:
+        return False
+    return record.start_at + timedelta(seconds=record.elapsed_s) < forgotten_before
+
+
+def _forgotten_skip(record: JobRecord, forgotten_before: Optional[datetime]) -> Skipped:
+    return Skipped(
+        record.job_id,
+        f"ended before {forgotten_before:%Y-%m-%dT%H:%M:%SZ}, where the state file no longer "
+        "remembers what was billed: it may have been billed already, so it is not billed again",
+        record.run,
+    )
 
 
 def _rejected(record: JobRecord, reason: str) -> Rejected:
@@ -583,6 +585,7 @@ def commit(
     entries whose run now reads sane."""
     if high_water_at is not None:
         high_water_at = min(high_water_at, utc_now())
+    pruned_before = store.pruned_before()
     return store.commit_plan(
         plan.events,
         [request_body(e) for e in plan.events],
@@ -590,11 +593,25 @@ def commit(
         high_water_at,
         held=plan.held,
         quarantine=[
-            state.QuarantineEntry(key=r.key, job_id=r.job_id, reason=r.reason, text=r.text)
+            state.QuarantineEntry(
+                key=r.key,
+                job_id=r.job_id,
+                reason=r.reason,
+                text=r.text,
+                remember_run=_never_billed(r.run, pruned_before),
+            )
             for r in plan.rejected
         ],
         resolved=plan.checked_runs,
     )
+
+
+def _never_billed(run: Optional[RunKey], pruned_before: Optional[datetime]) -> str:
+    """``run``'s text when the lack of a progress row proves it was never billed (it was
+    submitted after the pruning horizon, so no billing of it can have been pruned), else ""."""
+    if run is None or (pruned_before is not None and run.submit_at < pruned_before):
+        return ""
+    return run.text
 
 
 def check_mark(store: state.State, config: Config) -> Optional[datetime]:
@@ -675,8 +692,8 @@ def backfill_plan(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Plan:
     """A dry backfill: every chunk planned as if the ones before it had been stored."""
-    check_backfill_range(store, windows)
     reported: dict[RunKey, int] = {}
+    forgotten_before = store.pruned_before()
     plans = []
     for number, window in enumerate(windows):
         if number:
@@ -684,7 +701,9 @@ def backfill_plan(
         parsed = parse_input(config, read_live(config, window, environ), None)
         runs = {r.run for r in parsed.records}
         known = {**store.reported(runs), **{r: s for r, s in reported.items() if r in runs}}
-        plan = plan_usage(parsed, known, config, catalog, now_at=utc_now())
+        plan = plan_usage(
+            parsed, known, config, catalog, now_at=utc_now(), forgotten_before=forgotten_before
+        )
         reported.update(reported_after(plan, known))
         plans.append(plan)
     return merge_plans(plans)
@@ -700,7 +719,6 @@ def backfill(
     sleep: Callable[[float], None] = time.sleep,
 ) -> SyncResult:
     """Load history chunk by chunk: each chunk committed before the next sacct call."""
-    check_backfill_range(store, windows)
     plans = []
     new = 0
     started_at = utc_now()
@@ -710,23 +728,18 @@ def backfill(
         log.info("backfill chunk %d/%d", number + 1, len(windows))
         parsed = parse_input(config, read_live(config, window, environ), None)
         reported = store.reported(r.run for r in parsed.records)
-        plan = plan_usage(parsed, reported, config, catalog, now_at=utc_now())
+        plan = plan_usage(
+            parsed,
+            reported,
+            config,
+            catalog,
+            now_at=utc_now(),
+            forgotten_before=store.pruned_before(),
+        )
         new += commit(store, plan, utc_now(), None)
         plans.append(plan)
     whole = Window(windows[0].start_at, windows[-1].end_at) if windows else None
     return _deliver_and_finish(config, store, client, merge_plans(plans), whole, new, started_at)
-
-
-def check_backfill_range(store: state.State, windows: Sequence[Window]) -> None:
-    """Refuse a backfill into a period whose billing records were pruned (it would bill twice)."""
-    pruned = store.pruned_before()
-    if windows and pruned is not None and windows[0].start_at < pruned:
-        raise InputError(
-            f"backfill from {windows[0].start_at:%Y-%m-%d %H:%M} reaches before "
-            f"{pruned:%Y-%m-%d %H:%M}, where the state file no longer remembers what was "
-            "billed: runs from then would be billed twice. Start the backfill at or after "
-            f"{pruned:%Y-%m-%dT%H:%M:%SZ}."
-        )
 
 
 def merge_plans(plans: Sequence[Plan]) -> Plan:

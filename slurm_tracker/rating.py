@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -42,7 +43,7 @@ from dateutil.parser import isoparse
 from yaml.constructor import ConstructorError
 
 from slurm_tracker.config import GuardedLoader, YamlRefused, describe_yaml_error, shown_value
-from slurm_tracker.errors import ConfigError, TrackerError
+from slurm_tracker.errors import ConfigError, TrackerError, UnsafeFile
 from slurm_tracker.files import read_trusted
 from slurm_tracker.models import Rated
 
@@ -733,6 +734,12 @@ def load_catalog_file(path: Path) -> Catalog:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
             source, [f"cannot read the catalog file: {exc}; check catalog_file in the config"]
+        ) from exc
+    except UnsafeFile as exc:
+        if os.path.lexists(path):
+            raise
+        raise ConfigError(  # its directory is missing: say what matters
+            source, [f"cannot read the catalog file: {path} does not exist; check catalog_file"]
         ) from exc
     loader = _CatalogLoader(text)
     loader.duplicate_keys = []

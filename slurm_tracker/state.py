@@ -182,6 +182,8 @@ def _sqlite_code(exc: sqlite3.Error) -> Optional[int]:
 def _translate(exc: sqlite3.Error, path: Path, doing: str) -> TrackerError:
     """The domain error for a sqlite3 error met while ``doing`` something with the file."""
     code = _sqlite_code(exc)
+    if code == 10 and _disk_full(path):
+        code = 13  # SQLite says "disk I/O error" when it cannot grow the -shm file
     if code in _SQLITE_TEMPORARY:
         return StateUnavailable(
             f"state file {path}: cannot {doing}: {_SQLITE_TEMPORARY[code]} ({exc}); {_NOTHING_LOST}"
@@ -193,6 +195,14 @@ def _translate(exc: sqlite3.Error, path: Path, doing: str) -> TrackerError:
             f"{_FRESH_START_HINT}"
         )
     return StateError(f"state file {path}: cannot {doing}: {exc}")
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system of ``path`` has no block left for this user."""
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
 
 
 def _is_bug(exc: sqlite3.Error) -> bool:
@@ -268,12 +278,17 @@ class QuarantineEntry:
 
     ``key``: the run's identity text, or a hash of the record's text when it has none.
     ``text``: a snippet of the record (cut to QUARANTINE_TEXT_MAX characters when stored).
+    ``remember_run``: the run's identity text when the caller knows the run was never billed
+    before (it was submitted after the pruning horizon, so any billing would have left a
+    progress row): a progress row of 0 seconds is kept for it, not final, so it is never
+    pruned, and a later sane record is billed in full even after the horizon has passed it.
     """
 
     key: str
     job_id: str
     reason: str
     text: str
+    remember_run: str = ""
 
 
 @dataclass(frozen=True)
@@ -778,6 +793,13 @@ class State:
                     (now, key),
                 )
             for entry in entries.values():
+                if entry.remember_run:
+                    cur.execute(
+                        """INSERT OR IGNORE INTO progress
+                           (run, reported_s, last_end_at, final, updated_at)
+                           VALUES (?, 0, 0, 0, ?)""",
+                        (entry.remember_run, now),
+                    )
                 cur.execute(
                     f"""INSERT INTO quarantine ({_QUARANTINE_COLUMNS})
                        VALUES (?, ?, ?, ?, ?, ?, 1, NULL)

@@ -617,7 +617,7 @@ GOOD = row(JobID="9", JobIDRaw="9")
     [
         (row(ElapsedRaw="-5"), "job 100: ElapsedRaw -5 is negative"),
         (row(ElapsedRaw="400000000"), "job 100: ElapsedRaw 400000000 is more than ten years"),
-        (row(ElapsedRaw="12x"), "job 100: ElapsedRaw '12x' is not a number of seconds"),
+        (row(ElapsedRaw="12x"), "job 100: ElapsedRaw '12x' is not a plausible number of seconds"),
         (row(ElapsedRaw=""), "job 100: ElapsedRaw is empty although the run started"),
         (row(Submit="Unknown"), "job 100: Submit 'Unknown' is missing"),
         (row(Submit=""), "job 100: Submit '' is missing"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import tempfile
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -15,7 +17,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slurm_tracker.errors import ConfigError, TrackerError
+from slurm_tracker.errors import ConfigError, TrackerError, UnsafeFile
 from slurm_tracker.rating import (
     Catalog,
     RateMissing,
@@ -780,6 +782,154 @@ def test_bad_catalog_files(tmp_path: Path, text: str, fragments: list[str]) -> N
 def test_missing_catalog_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the catalog file"):
         load_catalog_file(tmp_path / "nope.yaml")
+
+
+def test_missing_catalog_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read the catalog file: .* does not exist"):
+        load_catalog_file(tmp_path / "nowhere" / "catalog.yaml")
+
+
+# ---------------------------------------------------------- hostile catalog files
+
+KEY = (
+    "pwt_"
+    + base64.urlsafe_b64encode(b"activate.example.org").decode().rstrip("=")
+    + ".q7Zr2LmX9vKp4WcT1nYb8HsJd3FgE6uAo0RiVe5x"
+)
+
+
+def shows_key(text: str) -> bool:
+    return any(KEY[i : i + 8] in text for i in range(1, len(KEY) - 7))
+
+
+def catalog_problem(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_catalog_file(write(tmp_path, text))
+    assert len(caught.value.problems) == 1, caught.value.problems
+    return caught.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 10_000 + "]" * 10_000,
+        "version: 1\nunits: " + "{a: " * 10_000 + "1" + "}" * 10_000 + "\n",
+        "".join(f"{' ' * depth}a:\n" for depth in range(10_000)),
+    ],
+    ids=["lists", "mappings", "block-mappings"],
+)
+def test_a_deeply_nested_catalog_file_is_a_config_error(tmp_path: Path, text: str) -> None:
+    problem = catalog_problem(tmp_path, text)
+    assert "cannot be read: nested too deeply: more than 50 levels" in problem
+
+
+def test_an_alias_bomb_in_a_catalog_file_is_refused(tmp_path: Path) -> None:
+    lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 9):
+        refs = ", ".join([f"*a{level - 1}"] * 10)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    lines.append("units: [{name: *a8}]")
+    problem = catalog_problem(tmp_path, "\n".join(lines) + "\n")
+    assert "cannot be read: aliases (*name) repeat more than 10000 values" in problem
+
+
+def test_a_catalog_that_contains_itself_is_refused(tmp_path: Path) -> None:
+    text = "version: 1\nunits: &u [{name: x, ratedInUsd: false, skus: *u}]\n"
+    problem = catalog_problem(tmp_path, text)
+    assert ":2: cannot be read: the alias *u is used inside the value it names" in problem
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("version: " + "9" * 5000 + "\n", ":1: cannot be read: cannot read '9999"),
+        ("version: !!int abc\n", ":1: cannot be read: cannot read 'abc' as int"),
+        ("version: !!int\n", ":1: cannot be read: cannot read '' as int"),
+        ("version: !!float\n", ":1: cannot be read: cannot read '' as float"),
+        ("version: !!float abc\n", ":1: cannot be read: cannot read 'abc' as float"),
+        ("version: !!timestamp abc\n", ":1: cannot be read: cannot read 'abc' as timestamp"),
+        ("version: !!timestamp 2026-13-45\n", ":1: cannot be read: cannot read '2026-13-45'"),
+        ("version: 1\nunits: [{? [a]: 1}]\n", ":2: cannot be read: while constructing a mapping"),
+        (
+            "version: 1\nunits: [{name: u, ratedInUsd: false, skus: [{code: A, rules: "
+            "[{effectiveFrom: '2026-01-01T00:00:00Z', rate: 1.0e+999999999}]}]}]\n",
+            ":2: cannot be read: the number 1.0e+999999999 is out of range",
+        ),
+    ],
+)
+def test_values_that_cannot_be_read_are_config_errors(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    problem = catalog_problem(tmp_path, text)
+    assert expected in problem, problem
+    assert len(problem) < 300
+
+
+def test_large_but_sane_rates_are_read(tmp_path: Path) -> None:
+    text = EXAMPLE_FILE.replace("rate: 2.5}", "rate: 1.0e+900}")
+    catalog = load_catalog_file(write(tmp_path, text))
+    assert catalog.skus["SLURM_GPU_HOUR"].rules[0].rate == Decimal("1e900")
+
+
+@pytest.mark.parametrize("content", [KEY + "\n", f"- {KEY}\n", "12345\n"])
+def test_a_file_that_is_no_catalog_is_not_echoed(tmp_path: Path, content: str) -> None:
+    problem = catalog_problem(tmp_path, content)
+    assert "not a slurm-tracker catalog (its top level is not a mapping" in problem
+    assert not shows_key(problem)
+    assert "12345" not in problem
+
+
+def test_syntax_errors_in_a_catalog_file_do_not_quote_the_file(tmp_path: Path) -> None:
+    problem = catalog_problem(tmp_path, f"version: 1\nunits: *{KEY[4:30]}\n")
+    assert ":2: not valid YAML: " in problem
+    assert not shows_key(problem), problem
+    assert "units:" not in problem  # PyYAML's snippet of the line is not shown
+
+
+def test_a_secret_looking_duplicate_key_is_not_echoed(tmp_path: Path) -> None:
+    text = EXAMPLE_FILE.replace("units:\n", f"units:\n  - {{{KEY}: 1, {KEY}: 2}}\n", 1)
+    with pytest.raises(ConfigError) as caught:
+        load_catalog_file(write(tmp_path, text))
+    (problem,) = [item for item in caught.value.problems if "appears twice" in item]
+    assert problem.endswith(":4: key 'pwt_… (redacted)' appears twice in one mapping"), problem
+
+
+def test_a_symlinked_catalog_file_is_refused(tmp_path: Path) -> None:
+    real = write(tmp_path, EXAMPLE_FILE)
+    link = tmp_path / "link.yaml"
+    link.symlink_to(real)
+    with pytest.raises(UnsafeFile, match=r"catalog file .*link.yaml is a symbolic link"):
+        load_catalog_file(link)
+
+
+def test_a_catalog_file_writable_by_others_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, EXAMPLE_FILE)
+    path.chmod(0o646)
+    with pytest.raises(UnsafeFile, match=r"is writable by others"):
+        load_catalog_file(path)
+
+
+def test_a_catalog_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    assert os.geteuid() == 0, "CI runs as root: chown needs it"
+    path = write(tmp_path, EXAMPLE_FILE)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(UnsafeFile, match=r"belongs to .*65534"):
+        load_catalog_file(path)
+
+
+def test_a_catalog_file_in_a_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    path = write(folder, EXAMPLE_FILE)
+    folder.chmod(0o777)
+    with pytest.raises(UnsafeFile, match=r"directory .*shared is writable by"):
+        load_catalog_file(path)
+
+
+def test_a_catalog_file_owned_by_root_and_0644_is_read(tmp_path: Path) -> None:
+    path = write(tmp_path, EXAMPLE_FILE)
+    path.chmod(0o644)
+    assert load_catalog_file(path).skus
 
 
 def round_trip(catalog: Catalog) -> Catalog:
