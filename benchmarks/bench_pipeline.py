@@ -89,7 +89,8 @@ def main() -> None:
     print(f"parse (live)     {parse_s:>12.2f} s  {n / parse_s:>10,.0f} records/s")
     print(f"parse (saved)    {saved_s:>12.2f} s  {n / saved_s:>10,.0f} records/s")
     print(
-        f"plan             {plan_s:>12.2f} s  {n / plan_s:>10,.0f} records/s  (map+check+segment+rate)"
+        f"plan             {plan_s:>12.2f} s  {n / plan_s:>10,.0f} records/s"
+        "  (map+check+segment+rate)"
     )
     print(f"events planned   {events:>12,}")
     print(f"peak memory      {peak / 2**20:>12.1f} MiB {peak / n:>10,.0f} bytes/record")

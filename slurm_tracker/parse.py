@@ -496,13 +496,21 @@ def _parse_parsable(
         line_no += body.count(b"\n", counted_to, offset)
         counted_to = offset
         outcome = _read_record(raw, layout, problem, line=line_no, cluster=cluster, tz=tz)
-        if isinstance(outcome, Rejected):
-            rejected.append(outcome)
-        elif outcome is None:
-            steps += 1
-        else:
-            records.append(outcome)
+        steps += _keep(outcome, records, rejected)
     return _result(source, records, rejected, steps)
+
+
+def _keep(
+    outcome: Union[JobRecord, Rejected, None], records: list[JobRecord], rejected: list[Rejected]
+) -> int:
+    """Put a record's outcome in its list; 1 for a step record (counted, not kept), else 0."""
+    if isinstance(outcome, Rejected):
+        rejected.append(outcome)
+    elif outcome is None:
+        return 1
+    else:
+        records.append(outcome)
+    return 0
 
 
 def _read_record(
@@ -709,12 +717,7 @@ def parse_live(
             break  # only blanks are left (checked when a blank is seen: it stays linear)
         chunk, problem, next_position = _live_record(data, position, mark, len(fields))
         outcome = _read_record(chunk, layout, problem, line=line, cluster=cluster, tz=timezone.utc)
-        if isinstance(outcome, Rejected):
-            rejected.append(outcome)
-        elif outcome is None:
-            steps += 1
-        else:
-            records.append(outcome)
+        steps += _keep(outcome, records, rejected)
         line += data.count(b"\n", position, next_position)
         position = next_position
     return _result(source, records, rejected, steps)
