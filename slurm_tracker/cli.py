@@ -645,7 +645,7 @@ def quarantine_list(
     output: str,
     verbose: bool,
 ) -> None:
-    """List quarantined records, newest first.
+    """List quarantined records, oldest first.
 
     A record lands here when it cannot be billed as it is (a corrupt field, End before Start,
     a count above the limits...). It is never billed in that form. When slurmdbd later shows a

@@ -77,8 +77,8 @@ class SacctConfig:
     backfill_chunk_s: int = 86400
     backfill_pause_s: int = 5
     file_timezone: str = "UTC"  # zone of naive timestamps in saved files
-    # Clusters this agent bills besides `cluster` (passed as --clusters; records of any other
-    # cluster are rejected). Empty: sacct's default, the local cluster only.
+    # The clusters this agent bills, all of them (passed as --clusters=a,b; records of any
+    # other cluster are rejected). Empty: sacct's default, the local cluster only.
     clusters: tuple[str, ...] = ()
 
 

@@ -189,7 +189,7 @@ def _plan_record(
 ) -> Union[tuple[list[PlannedEvent], list[str]], Skipped, Rejected]:
     """The events of one run (with rating problems), or why it gives none."""
     clusters = config.sacct.clusters
-    if clusters and record.cluster not in (config.cluster, *clusters):
+    if clusters and record.cluster not in clusters:
         return _rejected(
             record, f"cluster {record.cluster!r} is not one this agent bills (sacct.clusters)"
         )

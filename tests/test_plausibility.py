@@ -163,7 +163,7 @@ def test_usage_before_the_billing_floor_is_not_billed() -> None:
 
 
 def test_other_clusters_are_rejected_when_clusters_are_listed() -> None:
-    config = replace(CONFIG, sacct=replace(CONFIG.sacct, clusters=("other",)))
+    config = replace(CONFIG, sacct=replace(CONFIG.sacct, clusters=("box", "other")))
     ours, listed, stranger = (
         record(job_id=str(n), cluster=c) for n, c in ((1, "box"), (2, "other"), (3, "evil"))
     )
