@@ -42,7 +42,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -65,7 +65,8 @@ PLATFORM_HOST_ENV = "PW_PLATFORM_HOST"
 KEY_PREFIX = "pwt_"
 KEY_FILE_MAX_BYTES = 4096  # a key is one short line: a larger file is not a key file
 PAGE_SIZE = 100
-MAX_PAGES = 10_000  # a look-up never walks more pages than this, whatever the server says
+MAX_PAGES = 10_000  # a listing never walks more pages than this, whatever the server says
+DELETE_BATCH = 100  # at most this many ids in one DELETE request
 MAX_RESPONSE_BYTES = 1 << 20  # 1 MiB; a full page of 100 usage events is about 50 KiB
 MAX_REQUEST_THREADS = 64  # per client: api.concurrency (at most 32) plus abandoned requests
 _CHUNK_BYTES = 64 * 1024
@@ -791,28 +792,91 @@ class AllocationsClient:
     def _find_usage(
         self, allocation: str, event_key: str, *, retried: bool
     ) -> Optional[dict[str, Any]]:
+        """The server's ``metadata`` search is a case-insensitive substring match: every hit is
+        checked for the exact key here. ``retried=False``: one attempt per page (``deliver``
+        retries the look-up and the POST together)."""
+        params = {"metadata": search_term(event_key)}
+        for item in self._walk_usage(allocation, params, PAGE_SIZE, retried=retried):
+            meta = item.get("metadata")
+            if isinstance(meta, dict) and meta.get("eventKey") == event_key:
+                return item
+        return None
+
+    def iter_usage(
+        self,
+        allocation: str,
+        *,
+        metadata: Optional[str] = None,
+        started_from: Optional[datetime] = None,
+        started_to: Optional[datetime] = None,
+        ended_from: Optional[datetime] = None,
+        ended_to: Optional[datetime] = None,
+        created_from: Optional[datetime] = None,
+        created_to: Optional[datetime] = None,
+        page_size: int = PAGE_SIZE,
+    ) -> Iterator[dict[str, Any]]:
+        """Every usage event (``RatedCostWithMetadata``, as a dict) of ``allocation`` that the
+        list endpoint's filters select, page after page.
+
+        The filters are the contract's, all bounds inclusive: ``metadata`` is a
+        case-insensitive substring of the metadata's JSON text (check what you find: see
+        :func:`search_term`); ``started_from``/``started_to`` bound ``startedAt``,
+        ``ended_*`` ``endedAt`` and ``created_*`` ``createdAt`` (aware datetimes, sent in
+        UTC). Arguments are checked now (ValueError); the requests are made as the items are
+        consumed, one page at a time, each retried like every read. A refusal (404 for an
+        unknown allocation, ...) raises :class:`errors.ApiError` (:class:`FatalApiError` for
+        401/403) while iterating. The walk stops at ``totalPages``, at an empty page, or after
+        :data:`MAX_PAGES` pages (logged as a warning).
+
+        Pages are addressed by number: events created or deleted during the walk may shift
+        items between pages (an item seen twice or not at all). Collect the ids first, then
+        delete them.
+        """
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+        params: dict[str, str] = {}
+        if metadata:
+            params["metadata"] = metadata
+        bounds = (
+            ("startedAtFrom", started_from),
+            ("startedAtTo", started_to),
+            ("endedAtFrom", ended_from),
+            ("endedAtTo", ended_to),
+            ("createdAtFrom", created_from),
+            ("createdAtTo", created_to),
+        )
+        for name, value in bounds:
+            if value is not None:
+                params[name] = _utc_text(value, name)
+        return self._walk_usage(allocation, params, page_size, retried=True)
+
+    def _walk_usage(
+        self, allocation: str, filters: Mapping[str, str], page_size: int, *, retried: bool
+    ) -> Iterator[dict[str, Any]]:
+        """The items of the list endpoint's pages for ``filters`` (a generator)."""
         path = self._path("allocations", allocation, "usage")
-        term = search_term(event_key)
-        page = 1
-        while page <= MAX_PAGES:
-            params = {"metadata": term, "page": page, "pageSize": PAGE_SIZE}
+        for page in range(1, MAX_PAGES + 1):
+            params = {**filters, "page": page, "pageSize": page_size}
 
             def get(params: Mapping[str, Any] = params) -> Any:
                 return self._request("GET", path, params=params)
 
             data = self._retried(get) if retried else get()
-            if not isinstance(data, dict):
+            items = data.get("items") if isinstance(data, dict) else None
+            if not isinstance(data, dict) or not isinstance(items, (list, type(None))):
                 raise OutcomeUnknown(f"GET {path}: the answer is not a page of usage events")
-            items = data.get("items") or []
-            for item in items:
-                meta = item.get("metadata") if isinstance(item, dict) else None
-                if isinstance(meta, dict) and meta.get("eventKey") == event_key:
-                    return dict(item)
+            for item in items or []:
+                if isinstance(item, dict):
+                    yield dict(item)
             total_pages = data.get("totalPages")
             if not items or not isinstance(total_pages, int) or page >= total_pages:
-                return None
-            page += 1
-        return None
+                return
+        log.warning(
+            "GET %s: stopped after %d pages of %d usage events; the API says there are more",
+            path,
+            MAX_PAGES,
+            page_size,
+        )
 
     def get_allocation(self, name: str) -> dict[str, Any]:
         path = self._path("allocations", name)
@@ -834,17 +898,41 @@ class AllocationsClient:
         path = self._path("units", unit, "skus", sku, "rules")
         return _expect_list(self._retried(lambda: self._request("GET", path)), path)
 
-    def delete_usage(self, allocation: str, ids: Sequence[str]) -> None:
-        """Delete usage events by the ``id`` of their list items (rated cost ids)."""
+    def delete_usage(self, allocation: str, ids: Sequence[str]) -> int:
+        """Delete usage events by the ``id`` of their list items (the rated cost ids, not
+        ``usageEventId``); returns the API's ``deleted`` count (ids that existed).
+
+        At most :data:`DELETE_BATCH` ids go in one request (several requests for more; none
+        for no ids). Each request is retried on transient failures: deleting an id that is
+        already gone is harmless. So after an attempt whose outcome was unknown the count can
+        be lower than the number of events removed (the lost attempt removed some): list again
+        to know what the API holds.
+        """
         path = self._path("allocations", allocation, "usage")
-        body = {"ids": list(ids)}
-        self._retried(lambda: self._request("DELETE", path, body=body))
+        wanted = list(ids)
+        deleted = 0
+        for start in range(0, len(wanted), DELETE_BATCH):
+            body = {"ids": wanted[start : start + DELETE_BATCH]}
+
+            def delete(body: Mapping[str, Any] = body) -> int:
+                return _deleted_count(self._request("DELETE", path, body=body), path)
+
+            deleted += self._retried(delete)
+        return deleted
 
 
 def _expect(kind: type[_T], value: object, path: str) -> _T:
     if not isinstance(value, kind):
         raise OutcomeUnknown(f"GET {path}: unexpected answer of type {type(value).__name__}")
     return value
+
+
+def _deleted_count(value: object, path: str) -> int:
+    """``deleted`` of a ``DeleteRatedCostsResponseBody``; an answer without it is unknown."""
+    count = value.get("deleted") if isinstance(value, dict) else None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise OutcomeUnknown(f"DELETE {path}: the answer has no deleted count")
+    return count
 
 
 def _expect_list(value: object, path: str) -> list[dict[str, Any]]:
@@ -876,10 +964,18 @@ def _json_default(value: object) -> object:
             raise ValueError(f"cannot send the non-finite number {value}")
         return float(value)
     if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError(f"cannot send the naive datetime {value.isoformat()}")
-        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        return _utc_text(value)
     raise TypeError(f"cannot send a {type(value).__name__} as JSON")
+
+
+def _utc_text(value: datetime, what: str = "") -> str:
+    """RFC 3339 in UTC (``2026-03-01T00:00:00Z``, fractions only when present)."""
+    as_what = f" as {what}" if what else ""
+    if not isinstance(value, datetime):
+        raise TypeError(f"cannot send a {type(value).__name__}{as_what}: give a datetime")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"cannot send the naive datetime {value.isoformat()}{as_what}")
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 # --- exactly-once delivery ---------------------------------------------------------------------

@@ -20,7 +20,8 @@ from typing import Any, Optional, TypeVar, cast
 import click
 from dateutil import parser as dateparser
 
-from slurm_tracker import __version__, api, pipeline, rating, report
+from slurm_tracker import __version__, api, ledger, pipeline, rating, report
+from slurm_tracker import reconcile as reconciling
 from slurm_tracker.config import Config, load_config, parse_duration, resolve_config_path
 from slurm_tracker.errors import (
     ConfigError,
@@ -29,6 +30,7 @@ from slurm_tracker.errors import (
     TemporaryFailure,
     TrackerError,
     UnsafeFile,
+    WriterConflict,
 )
 from slurm_tracker.files import write_atomically
 from slurm_tracker.state import State, StateLock
@@ -38,6 +40,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_UNDELIVERED = 4
+EXIT_WRITER_CONFLICT = 5  # another agent bills this cluster
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL from sysexits.h
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,6 +81,8 @@ def handles_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (ConfigError, StateError, UnsafeFile) as exc:
             _fail(str(exc), EXIT_CONFIG)
+        except WriterConflict as exc:
+            _fail(str(exc), EXIT_WRITER_CONFLICT)
         except TemporaryFailure as exc:
             _fail(f"{exc} (temporary: the next run will try again)", EXIT_TEMPFAIL)
         except InputError as exc:
@@ -241,12 +246,19 @@ def _show_plan(
 @main.command()
 @_config_option
 @click.option("--dry-run", is_flag=True, help="Plan and show; write no state, send nothing.")
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="Another agent's events on the API are counted as billed instead of stopping this "
+    "sync (exit 5): only when that agent is stopped for good and this one replaces it.",
+)
 @_input_options
 @_log_options
 @handles_errors
 def sync(
     config_path: Optional[str],
     dry_run: bool,
+    take_over: bool,
     state_path: Optional[str],
     sacct_file: Optional[str],
     sacct_fields: Optional[str],
@@ -275,8 +287,11 @@ def sync(
     if dry_run:
         with State.open(path, readonly=True) as store:
             mark = pipeline.check_mark(store, config)
-            window = pipeline.sync_window(now_at, mark, config.sacct)
+            floor_at = pipeline.billing_floor(store, config)
+            window = pipeline.sync_window(now_at, mark, config.sacct, floor_at)
             given = pipeline.gather(config, window, sacct_file, stdin, os.environ)
+            if given.window is not None and store.floor_at() is None:
+                floor_at = max(window.start_at, floor_at or window.start_at)  # as the sync would
             parsed = pipeline.parse_input(config, given, _fields(sacct_fields))
             reported = store.reported(r.run for r in parsed.records)
             forgotten_before = store.pruned_before()
@@ -286,8 +301,9 @@ def sync(
             config,
             catalog,
             now_at=pipeline.utc_now(),
-            floor_at=config.sacct.first_sync_start,
+            floor_at=floor_at,
             forgotten_before=forgotten_before,
+            agent=ledger.agent_id(path),
         )
         _show_plan(plan, given.window, given.source, output, verbose)
         return
@@ -300,7 +316,9 @@ def sync(
                 store,
                 client,
                 catalog,
-                pipeline.SyncRequest(now_at, sacct_file, _fields(sacct_fields), stdin, os.environ),
+                pipeline.SyncRequest(
+                    now_at, sacct_file, _fields(sacct_fields), stdin, os.environ, take_over
+                ),
             )
     _finish(result, output)
 
@@ -666,6 +684,71 @@ def state_group() -> None:
     """Repair the state file."""
 
 
+@state_group.command("rebuild")
+@_config_option
+@_state_option
+@click.option(
+    "--from-api",
+    "from_api",
+    is_flag=True,
+    required=True,
+    help="Learn from the API's events what is already billed (the only source there is).",
+)
+@click.option(
+    "--start",
+    "start",
+    metavar="TIME",
+    callback=_parse_now,
+    help="Read the events that ended since then (default: a day before the billing floor, "
+    "or the last 30 days).",
+)
+@click.option("--take-over", is_flag=True, help="Count another agent's events as billed too.")
+@_log_options
+@handles_errors
+def state_rebuild(
+    config_path: Optional[str],
+    state_path: Optional[str],
+    from_api: bool,
+    start: Optional[datetime],
+    take_over: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Bring the state file in line with what the API holds, instead of billing again.
+
+    Every event of this cluster on the mapped allocations that the state file does not know
+    (it was lost, replaced, or restored from an old backup) is counted as billed. A sync does
+    the same by itself for a new state file and for events created since its last sync; use
+    this to reach further back.
+    """
+    _setup_logging(verbose, quiet)
+    config = _load(config_path)
+    path = _state_path(config, state_path)
+    now_at = pipeline.utc_now()
+    client = _client(config)
+    with StateLock(path) as lock:
+        lock.acquire(now_at)
+        with State.open(path) as store:
+            floor = pipeline.billing_floor(store, config)
+            since = start or (floor - timedelta(days=1) if floor else now_at - timedelta(days=30))
+            found = ledger.check(
+                store,
+                client,
+                pipeline.mapped_allocations(config),
+                config.cluster,
+                ledger.agent_id(path),
+                now_at=now_at,
+                learn_from=since,
+                take_over=take_over,
+                relearn=True,
+            )
+    click.echo(
+        f"{found.read} events of cluster {config.cluster} on the API ended since "
+        f"{since:%Y-%m-%dT%H:%M:%SZ}; {found.adopted} were unknown to {path} and are now "
+        "counted as billed"
+    )
+
+
 @state_group.command("set-mark")
 @_config_option
 @_state_option
@@ -699,3 +782,108 @@ def state_set_mark(
             previous = store.set_high_water(time, now_at, overlap_s=config.sacct.overlap_s)
     old = f"{previous:%Y-%m-%dT%H:%M:%SZ}" if previous else "none"
     click.echo(f"high-water mark of {path}: {old} -> {time:%Y-%m-%dT%H:%M:%SZ}")
+
+
+EXIT_DISCREPANCIES = 6  # reconcile found discrepancies between slurmdbd and the API
+
+
+@main.command("reconcile")
+@_config_option
+@click.option(
+    "--start",
+    required=True,
+    metavar="TIME",
+    callback=_parse_now,
+    help="Start of the window (a date or RFC 3339 time, UTC).",
+)
+@click.option(
+    "--end", required=True, metavar="TIME", callback=_parse_now, help="End (exclusive), UTC."
+)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Also show the repair: delete duplicates and overlaps, post what is missing.",
+)
+@click.option("--yes", is_flag=True, help="With --repair: do it (every change logged and shown).")
+@_state_option
+@click.option(
+    "--sacct-file",
+    metavar="PATH",
+    help="Judge a saved sacct capture ('-' for stdin) instead of running sacct.",
+)
+@_output_option
+@_log_options
+@handles_errors
+def reconcile_command(
+    config_path: Optional[str],
+    start: datetime,
+    end: datetime,
+    repair: bool,
+    yes: bool,
+    state_path: Optional[str],
+    sacct_file: Optional[str],
+    output: str,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Compare what slurmdbd says for [START, END) with what the API holds as billed.
+
+    Reports per run and SKU: missing usage, duplicate keys, overlapping stretches, over-billing,
+    events of runs slurmdbd does not know, misrouted events and events of other agents. Exit 0
+    when nothing is found, 6 when discrepancies are. With --repair --yes (under the state
+    lock): deletes duplicates and overlaps, posts the missing stretches through the outbox,
+    then reads the API again.
+    """
+    _setup_logging(verbose, quiet)
+    if yes and not repair:
+        raise click.UsageError("--yes only goes with --repair")
+    if end <= start:
+        raise click.BadParameter("--end must be after --start", param_hint="--end")
+    config = _load(config_path)
+    catalog = pipeline.load_catalog(config)
+    path = _state_path(config, state_path)
+    window = pipeline.Window(start, end)
+    client = _client(config)
+    records, _ = reconciling.read_records(
+        config, window, sacct_file=sacct_file, stdin=sys.stdin.buffer, environ=os.environ
+    )
+    if not yes:
+        with State.open(path, readonly=True) as store:
+            found = reconciling.examine(config, store, client, records, window, catalog)
+            outbox = reconciling.outbox_status(store)
+        fix = reconciling.plan_repair(found, outbox)
+        _show_reconcile(output, found, fix if repair else None)
+        waiting = sum(1 for s in outbox.values() if s in reconciling.UNSETTLED)
+        if waiting:
+            click.echo(
+                f"slurm-tracker: note: {waiting} events of the outbox are not on the API yet "
+                "(see `slurm-tracker outbox list`): their usage may show as missing",
+                err=True,
+            )
+        sys.exit(EXIT_DISCREPANCIES if found.discrepancies else EXIT_OK)
+    with StateLock(path) as lock:
+        lock.acquire(pipeline.utc_now())
+        with State.open(path) as store:
+            # what is waiting goes out first: the repair must not post what the outbox holds
+            pipeline.deliver_outbox(store, client, pipeline.utc_now, config.api.concurrency)
+            found = reconciling.examine(config, store, client, records, window, catalog)
+            fix = reconciling.plan_repair(found, reconciling.outbox_status(store))
+            applied = reconciling.apply_repair(fix, config, store, client, pipeline.utc_now())
+            after = reconciling.examine(config, store, client, records, window, catalog)
+    _show_reconcile(output, found, fix, applied, after)
+    if applied.undelivered:
+        sys.exit(EXIT_UNDELIVERED)
+    sys.exit(EXIT_DISCREPANCIES if after.discrepancies else EXIT_OK)
+
+
+def _show_reconcile(
+    output: str,
+    found: reconciling.Report,
+    fix: Optional[reconciling.Repair],
+    applied: Optional[reconciling.Applied] = None,
+    after: Optional[reconciling.Report] = None,
+) -> None:
+    if output == "json":
+        click.echo(json.dumps(reconciling.as_json(found, fix, applied, after), indent=2))
+    else:
+        click.echo(reconciling.as_text(found, fix, applied, after))

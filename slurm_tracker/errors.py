@@ -54,6 +54,11 @@ class StateUnavailable(TemporaryFailure):
     error): nothing is lost, the next run continues where this one stopped."""
 
 
+class WriterConflict(TrackerError):
+    """Another slurm-tracker (another host, or another state file) bills the same cluster:
+    syncing too would bill every job twice."""
+
+
 class UnsafeFile(TrackerError):
     """A file or directory the agent trusts (state, lock, catalog, config, API key) could be
     changed by another user, is a symbolic link, or is not a regular file."""

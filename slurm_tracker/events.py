@@ -64,11 +64,17 @@ def plan(
     allocation: str,
     charges: Sequence[SkuCharge],
     metadata_fields: Sequence[str] = (),
+    agent: str = "",
 ) -> list[PlannedEvent]:
-    """One event per segment and SKU; charges whose metric the run does not hold give none."""
+    """One event per segment and SKU; charges whose metric the run does not hold give none.
+
+    ``agent`` (pipeline.agent_id) names the agent in the metadata, so that the API's record
+    says who billed what (a second agent on the same cluster is noticed)."""
     events: list[PlannedEvent] = []
     for segment in segments:
         base_meta = job_metadata(segment, metadata_fields)
+        if agent:
+            base_meta["agent"] = agent
         for charge in charges:
             amount = quantity(segment, charge)
             if amount <= 0:

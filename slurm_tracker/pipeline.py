@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Optional, Union
 from zoneinfo import ZoneInfo
 
-from slurm_tracker import api, rating, sacct, state
+from slurm_tracker import api, ledger, rating, sacct, state
 from slurm_tracker.config import Config, SacctConfig
 from slurm_tracker.errors import (
     ApiError,
@@ -81,8 +81,14 @@ class Total:
     usd: Optional[Decimal] = None
 
 
-def sync_window(now_at: datetime, high_water_at: Optional[datetime], cfg: SacctConfig) -> Window:
-    """From the high-water mark minus the overlap (or the first-sync start) to now minus the lag."""
+def sync_window(
+    now_at: datetime,
+    high_water_at: Optional[datetime],
+    cfg: SacctConfig,
+    floor_at: Optional[datetime] = None,
+) -> Window:
+    """From the high-water mark minus the overlap (or the first-sync start) to now minus the lag,
+    never starting before the billing floor."""
     end_at = now_at - timedelta(seconds=cfg.lag_s)
     if high_water_at is not None:
         start_at = high_water_at - timedelta(seconds=cfg.overlap_s)
@@ -90,7 +96,16 @@ def sync_window(now_at: datetime, high_water_at: Optional[datetime], cfg: SacctC
         start_at = cfg.first_sync_start
     else:
         start_at = end_at - timedelta(seconds=cfg.first_sync_lookback_s)
+    if floor_at is not None:
+        start_at = max(start_at, floor_at)
     return Window(start_at, max(start_at, end_at))
+
+
+def billing_floor(store: state.State, config: Config) -> Optional[datetime]:
+    """No usage before this is billed by a sync: the later of the first sync's window start
+    (stored by that sync) and an absolute sacct.first_sync_start."""
+    floors = [at for at in (store.floor_at(), config.sacct.first_sync_start) if at is not None]
+    return max(floors) if floors else None
 
 
 def latest_records(records: Iterable[JobRecord]) -> tuple[list[JobRecord], list[Skipped]]:
@@ -127,6 +142,7 @@ def plan_usage(
     now_at: Optional[datetime] = None,
     floor_at: Optional[datetime] = None,
     forgotten_before: Optional[datetime] = None,
+    agent: str = "",
 ) -> Plan:
     """Plan the events for everything in ``parsed`` not yet in ``reported`` (elapsed seconds).
 
@@ -134,7 +150,8 @@ def plan_usage(
     clock). Usage before ``floor_at`` (the billing floor) is not billed, nor runs that ended
     before ``forgotten_before`` (State.pruned_before) and have no progress: their billing
     record was pruned, so they may have been billed already. The last ``sacct.lag``
-    seconds of running runs are held back (see SegmentPolicy). No record can stop the plan: any
+    seconds of running runs are held back (see SegmentPolicy). ``agent`` (agent_id) goes into
+    every event's metadata. No record can stop the plan: any
     failure while planning one becomes a Rejected with the record's identity.
     """
     records, skipped = latest_records(parsed.records)
@@ -149,7 +166,11 @@ def plan_usage(
                 skipped.append(_forgotten_skip(record, forgotten_before))
                 continue  # not "checked": a quarantine entry of the run stays open
             outcome = _plan_record(
-                record, reported.get(record.run, 0), config, catalog, policy, now_at, floor_at
+                record,
+                reported.get(record.run, 0),
+                config,
+                catalog,
+                (policy, now_at, floor_at, agent),
             )
         except Exception as exc:  # one record must never stop a sync
             log.debug("job %s: planning failed", record.job_id, exc_info=True)
@@ -183,11 +204,12 @@ def _plan_record(
     reported_s: int,
     config: Config,
     catalog: Optional[rating.Catalog],
-    policy: SegmentPolicy,
-    now_at: Optional[datetime],
-    floor_at: Optional[datetime],
+    how: tuple[SegmentPolicy, Optional[datetime], Optional[datetime], str],
 ) -> Union[tuple[list[PlannedEvent], list[str]], Skipped, Rejected]:
-    """The events of one run (with rating problems), or why it gives none."""
+    """The events of one run (with rating problems), or why it gives none.
+
+    ``how``: the segment policy, the real clock, the billing floor and the agent's id."""
+    policy, now_at, floor_at, agent = how
     clusters = config.sacct.clusters
     if clusters and record.cluster not in clusters:
         return _rejected(
@@ -214,7 +236,7 @@ def _plan_record(
     segments = new_usage(record, reported_s, policy, cuts)
     if isinstance(segments, Skipped):
         return segments
-    planned = plan(segments, target.allocation, target.charges, config.metadata_fields)
+    planned = plan(segments, target.allocation, target.charges, config.metadata_fields, agent)
     if not planned:
         metrics = ", ".join(sorted({c.metric for c in target.charges}))
         return Skipped(record.job_id, f"no allocated {metrics} to bill", record.run)
@@ -554,6 +576,7 @@ class SyncRequest:
     fields: Optional[Sequence[str]]
     stdin: BinaryIO
     environ: Mapping[str, str]
+    take_over: bool = False  # adopt another agent's events instead of stopping (WriterConflict)
 
 
 @dataclass(frozen=True)
@@ -636,9 +659,29 @@ def sync_once(
     catalog: Optional[rating.Catalog],
     request: SyncRequest,
 ) -> SyncResult:
-    """One regular sync: read, plan, commit, deliver, prune. The caller holds the lock."""
-    window = sync_window(request.now_at, check_mark(store, config), config.sacct)
+    """One regular sync: read, compare the API's record, plan, commit, deliver, prune.
+
+    The caller holds the lock. Before anything is planned, the API's events of the cluster are
+    compared with the state file (ledger.check): events it does not know are counted as billed,
+    and another agent's events stop the sync (WriterConflict) unless ``take_over``.
+    """
+    floor_at = billing_floor(store, config)
+    window = sync_window(request.now_at, check_mark(store, config), config.sacct, floor_at)
     given = gather(config, window, request.sacct_file, request.stdin, request.environ)
+    agent = ledger.agent_id(store.path)
+    ledger.check(
+        store,
+        client,
+        mapped_allocations(config),
+        config.cluster,
+        agent,
+        now_at=utc_now(),
+        learn_from=window.start_at - timedelta(seconds=ledger.LEARN_BEFORE_S),
+        take_over=request.take_over,
+    )
+    if given.window is not None and store.floor_at() is None:
+        store.set_floor(window.start_at)  # the first live sync: nothing before it is billed
+        floor_at = billing_floor(store, config)
     parsed = parse_input(config, given, request.fields)
     reported = store.reported(r.run for r in parsed.records)
     plan = plan_usage(
@@ -647,8 +690,9 @@ def sync_once(
         config,
         catalog,
         now_at=utc_now(),
-        floor_at=config.sacct.first_sync_start,
+        floor_at=floor_at,
         forgotten_before=store.pruned_before(),
+        agent=agent,
     )
     high_water_at = given.window.end_at if given.window else None
     new = commit(store, plan, request.now_at, high_water_at)
@@ -702,7 +746,13 @@ def backfill_plan(
         runs = {r.run for r in parsed.records}
         known = {**store.reported(runs), **{r: s for r, s in reported.items() if r in runs}}
         plan = plan_usage(
-            parsed, known, config, catalog, now_at=utc_now(), forgotten_before=forgotten_before
+            parsed,
+            known,
+            config,
+            catalog,
+            now_at=utc_now(),
+            forgotten_before=forgotten_before,
+            agent=ledger.agent_id(store.path),
         )
         reported.update(reported_after(plan, known))
         plans.append(plan)
@@ -722,6 +772,17 @@ def backfill(
     plans = []
     new = 0
     started_at = utc_now()
+    agent = ledger.agent_id(store.path)
+    if windows:
+        ledger.check(
+            store,
+            client,
+            mapped_allocations(config),
+            config.cluster,
+            agent,
+            now_at=started_at,
+            learn_from=windows[0].start_at - timedelta(seconds=ledger.LEARN_BEFORE_S),
+        )
     for number, window in enumerate(windows):
         if number:
             sleep(config.sacct.backfill_pause_s)
@@ -735,6 +796,7 @@ def backfill(
             catalog,
             now_at=utc_now(),
             forgotten_before=store.pruned_before(),
+            agent=agent,
         )
         new += commit(store, plan, utc_now(), None)
         plans.append(plan)

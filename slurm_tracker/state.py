@@ -292,6 +292,21 @@ class QuarantineEntry:
 
 
 @dataclass(frozen=True)
+class AdoptedEvent:
+    """An event the API holds, posted under our key format (see State.adopt)."""
+
+    key: str
+    allocation: str
+    sku: str
+    quantity: Decimal
+    run: str  # the run's identity text
+    to_s: int  # the run's elapsed seconds billed once this event counts
+    started_at: datetime
+    ended_at: datetime
+    event_id: str
+
+
+@dataclass(frozen=True)
 class QuarantineRow:
     key: str
     job_id: str
@@ -902,7 +917,10 @@ class State:
         )
 
     def retry(self, keys: Optional[Sequence[str]], now_at: datetime) -> int:
-        """Dead (or dropped) events back to pending; all dead ones when ``keys`` is None."""
+        """Named dead (or dropped) events back to pending; with ``keys`` None, every dead one
+        (never the dropped ones: an operator gave those up on purpose)."""
+        if keys is None:
+            return self._move(None, ("dead",), "pending", now_at)
         return self._move(keys, ("dead", "dropped"), "pending", now_at)
 
     def drop(self, keys: Optional[Sequence[str]], now_at: datetime) -> int:
@@ -929,6 +947,94 @@ class State:
                 cur.execute(sql + " AND event_key=?", (to, _epoch(now_at), *from_, key))
                 count += cur.rowcount
             return count
+
+    # ------------------------------------------------------------------ the API's record
+    def floor_at(self) -> Optional[datetime]:
+        """The billing floor: the start of the first sync's window (never billed before)."""
+        value = self._meta("floor_at")
+        return _time(int(value)) if value else None
+
+    def set_floor(self, at: datetime) -> None:
+        """Store the billing floor, once (a floor already stored is kept)."""
+        self._writable()
+        with self._tx("store the billing floor") as cur:
+            cur.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('floor_at', ?)",
+                (str(_epoch(at)),),
+            )
+
+    def ledger_checked_at(self) -> Optional[datetime]:
+        """Until when the API's events of this cluster were compared with this file."""
+        value = self._meta("ledger_checked_at")
+        return _time(int(value)) if value else None
+
+    def known_keys(self, keys: Iterable[str]) -> set[str]:
+        """Those of ``keys`` this file's outbox holds (in any status)."""
+        wanted = list(dict.fromkeys(keys))
+        found: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" for _ in chunk)
+            found.update(
+                key
+                for (key,) in self._query(
+                    f"SELECT event_key FROM outbox WHERE event_key IN ({marks})", chunk
+                )
+            )
+        return found
+
+    def adopt(self, events: Sequence[AdoptedEvent], now_at: datetime, checked_at: datetime) -> int:
+        """Take events the API holds but this file does not know (a lost, restored or replaced
+        state file, or an agent taken over) as billed, in ONE transaction: each becomes an
+        acknowledged outbox row and its run's progress covers it. Records that the API was
+        compared up to ``checked_at``. Returns how many events were new to this file."""
+        self._writable()
+        now = _epoch(now_at)
+        added = 0
+        with self._tx("adopt the API's events") as cur:
+            for event in events:
+                body = {
+                    "sku": event.sku,
+                    "quantity": float(event.quantity),
+                    "startedAt": _iso(event.started_at),
+                    "endedAt": _iso(event.ended_at),
+                    "metadata": {"eventKey": event.key, "adopted": True},
+                }
+                cur.execute(
+                    """INSERT OR IGNORE INTO outbox (event_key, allocation, sku, quantity,
+                       started_at, ended_at, body, status, event_id, last_error, created_at,
+                       updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, 'acked', ?, ?, ?, ?)""",
+                    (
+                        event.key,
+                        event.allocation,
+                        event.sku,
+                        str(event.quantity),
+                        _epoch(event.started_at),
+                        _epoch(event.ended_at),
+                        json.dumps(body, sort_keys=True),
+                        event.event_id,
+                        "adopted: found on the API, posted by an earlier state or agent",
+                        now,
+                        now,
+                    ),
+                )
+                added += cur.rowcount
+                cur.execute(
+                    """INSERT INTO progress (run, reported_s, last_end_at, final, updated_at)
+                       VALUES (?, ?, ?, 0, ?)
+                       ON CONFLICT (run) DO UPDATE SET
+                         reported_s = max(reported_s, excluded.reported_s),
+                         last_end_at = max(last_end_at, excluded.last_end_at),
+                         updated_at = excluded.updated_at""",
+                    (event.run, event.to_s, _epoch(event.ended_at), now),
+                )
+            cur.execute(
+                """INSERT INTO meta (key, value) VALUES ('ledger_checked_at', ?)
+                   ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
+                (str(_epoch(checked_at)),),
+            )
+        return added
 
     # ------------------------------------------------------------------ quarantine
     def quarantine_rows(self, include_resolved: bool = False) -> list[QuarantineRow]:
@@ -1031,6 +1137,22 @@ class State:
             q, n = sums.get((allocation, sku), (Decimal(0), 0))
             sums[(allocation, sku)] = (q + Decimal(quantity), n + 1)
         return [(a, s, q, n) for (a, s), (q, n) in sorted(sums.items())]
+
+    def mark_deleted(self, keys: Iterable[str], reason: str, now_at: datetime) -> int:
+        """Outbox rows of events deleted on the API (``slurm-tracker reconcile --repair``) become
+        ``dropped`` with ``reason`` as their last error: kept for the record, never sent again by
+        a sync, and not revived by ``outbox retry --all``. Returns how many rows changed."""
+        self._writable()
+        count = 0
+        with self._tx("record deleted events") as cur:
+            for key in dict.fromkeys(keys):
+                cur.execute(
+                    "UPDATE outbox SET status='dropped', last_error=?, updated_at=? "
+                    "WHERE event_key=? AND status != 'dropped'",
+                    (reason, _epoch(now_at), key),
+                )
+                count += cur.rowcount
+        return count
 
 
 def _not_after_clock(at: datetime) -> datetime:

@@ -88,7 +88,7 @@ def item(key: str, item_id: str = "rc-1", usage_id: str = "ue-1") -> dict[str, A
     }
 
 
-def page(items: list[dict[str, Any]], number: int = 1, total_pages: int = 1) -> dict[str, Any]:
+def page(items: list[Any], number: int = 1, total_pages: int = 1) -> dict[str, Any]:
     return {
         "items": items,
         "total": len(items),
@@ -242,7 +242,7 @@ def test_other_endpoints_request(
 ) -> None:
     rsps.add(method, f"{BASE}/api/organizations/{ORG}{url}", json=answer)
     result = call(client(rec))
-    assert result == (None if method == "DELETE" else answer)
+    assert result == (2 if method == "DELETE" else answer)
     (only,) = rsps.calls
     assert only.request.method == method
     assert only.request.url == f"{BASE}/api/organizations/{ORG}{url}"
@@ -674,6 +674,268 @@ def test_search_term_is_found_in_any_json_spelling_of_the_key(key: str) -> None:
     assert term in key.lower()
     for text in spellings:
         assert term in text.lower()
+
+
+# --- iter_usage --------------------------------------------------------------------------------
+
+
+def queries(rsps: responses.RequestsMock) -> list[dict[str, list[str]]]:
+    return [
+        parse_qs(urlsplit(call.request.url or "").query, keep_blank_values=True)
+        for call in rsps.calls
+    ]
+
+
+def test_iter_usage_sends_every_filter_and_walks_the_pages(
+    rsps: responses.RequestsMock, rec: Recorder
+) -> None:
+    plus2 = timezone(timedelta(hours=2))
+    rsps.add(
+        responses.GET,
+        USAGE,
+        json=page([item("a", "rc-1"), "junk", None, item("b", "rc-2")], number=1, total_pages=3),
+    )
+    rsps.add(responses.GET, USAGE, json=page([item("c", "rc-3"), 7], number=2, total_pages=3))
+    rsps.add(responses.GET, USAGE, json=page([item("d", "rc-4")], number=3, total_pages=3))
+
+    found = client(rec).iter_usage(
+        "physics",
+        metadata='"eventKey": "st1:c1:',
+        started_from=datetime(2026, 3, 1, 2, 0, tzinfo=plus2),
+        started_to=datetime(2026, 3, 2, tzinfo=timezone.utc),
+        ended_from=datetime(2026, 3, 1, 0, 0, 0, 250000, tzinfo=timezone.utc),
+        ended_to=datetime(2026, 3, 3, tzinfo=timezone.utc),
+        created_from=datetime(2026, 3, 4, 1, tzinfo=plus2),
+        created_to=datetime(2026, 3, 5, 23, 59, 59, tzinfo=timezone.utc),
+        page_size=7,
+    )
+
+    assert [i["id"] for i in found] == ["rc-1", "rc-2", "rc-3", "rc-4"]
+    filters = {
+        "metadata": ['"eventKey": "st1:c1:'],
+        "startedAtFrom": ["2026-03-01T00:00:00Z"],
+        "startedAtTo": ["2026-03-02T00:00:00Z"],
+        "endedAtFrom": ["2026-03-01T00:00:00.250000Z"],
+        "endedAtTo": ["2026-03-03T00:00:00Z"],
+        "createdAtFrom": ["2026-03-03T23:00:00Z"],
+        "createdAtTo": ["2026-03-05T23:59:59Z"],
+    }
+    assert queries(rsps) == [{**filters, "page": [str(n)], "pageSize": ["7"]} for n in (1, 2, 3)]
+    assert rec.sleeps == []
+
+
+def test_iter_usage_without_filters_sends_only_the_page(
+    rsps: responses.RequestsMock, rec: Recorder
+) -> None:
+    rsps.add(responses.GET, USAGE, json=page([item("a")]))
+    assert len(list(client(rec).iter_usage("physics", metadata=""))) == 1
+    assert queries(rsps) == [{"page": ["1"], "pageSize": ["100"]}]
+
+
+def test_iter_usage_reads_one_page_at_a_time(rsps: responses.RequestsMock, rec: Recorder) -> None:
+    rsps.add(responses.GET, USAGE, json=page([item("a", "rc-1")], number=1, total_pages=2))
+    rsps.add(responses.GET, USAGE, json=page([item("b", "rc-2")], number=2, total_pages=2))
+    found = client(rec).iter_usage("physics")
+    assert len(rsps.calls) == 0
+    assert next(found)["id"] == "rc-1"
+    assert len(rsps.calls) == 1
+    assert [i["id"] for i in found] == ["rc-2"]
+    assert len(rsps.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("answers", "calls", "seen"),
+    [
+        # stops at totalPages, though the last page is full
+        ([page([item("a")], 1, 2), page([item("b")], 2, 2), page([item("c")], 3, 3)], 2, 2),
+        # stops at an empty page, whatever totalPages says
+        ([page([item("a")], 1, 5), page([], 2, 5), page([item("c")], 3, 5)], 2, 1),
+        ([page([item("a")], 1, 5), dict(page([], 2, 5), items=None), page([item("c")])], 2, 1),
+        # stops when totalPages is missing or not a number
+        ([{"items": [item("a")]}, page([item("b")], 2, 2)], 1, 1),
+        ([dict(page([item("a")]), totalPages="2"), page([item("b")], 2, 2)], 1, 1),
+        # a page of nothing but junk still counts as a page
+        ([page(["x"], 1, 2), page([item("b")], 2, 2)], 2, 1),
+    ],
+)
+def test_iter_usage_stops_where_the_pages_end(
+    rsps: responses.RequestsMock,
+    rec: Recorder,
+    answers: list[dict[str, Any]],
+    calls: int,
+    seen: int,
+) -> None:
+    for answer in answers:
+        rsps.add(responses.GET, USAGE, json=answer)
+    assert len(list(client(rec).iter_usage("physics"))) == seen
+    assert len(rsps.calls) == calls
+
+
+def test_iter_usage_stops_after_max_pages(
+    rsps: responses.RequestsMock,
+    rec: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(api, "MAX_PAGES", 3)
+    rsps.add(responses.GET, USAGE, json=page([item("a")], 1, 1000))
+    assert len(list(client(rec).iter_usage("physics"))) == 3
+    assert [q["page"] for q in queries(rsps)] == [["1"], ["2"], ["3"]]
+    assert "stopped after 3 pages" in caplog.text
+
+
+def test_iter_usage_retries_each_page(rsps: responses.RequestsMock, rec: Recorder) -> None:
+    rsps.add(responses.GET, USAGE, json=page([item("a", "rc-1")], 1, 2))
+    rsps.add(responses.GET, USAGE, status=503)
+    rsps.add(responses.GET, USAGE, body=reset_after_send())
+    rsps.add(responses.GET, USAGE, status=429, headers={"Retry-After": "7"})
+    rsps.add(responses.GET, USAGE, json=page([item("b", "rc-2")], 2, 2))
+
+    assert [i["id"] for i in client(rec).iter_usage("physics")] == ["rc-1", "rc-2"]
+
+    assert [q["page"] for q in queries(rsps)] == [["1"], ["2"], ["2"], ["2"], ["2"]]
+    assert len(rec.sleeps) == 3 and rec.sleeps[2] == 7.0
+
+
+def test_iter_usage_gives_up_after_max_attempts(
+    rsps: responses.RequestsMock, rec: Recorder
+) -> None:
+    rsps.add(responses.GET, USAGE, status=502)
+    with pytest.raises(OutcomeUnknown, match="HTTP 502"):
+        list(client(rec, max_attempts=3).iter_usage("physics"))
+    assert len(rsps.calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "raised"),
+    [(404, errors.ApiError), (400, errors.ApiError), (401, FatalApiError), (403, FatalApiError)],
+)
+def test_iter_usage_refused_is_an_api_error_without_retry(
+    rsps: responses.RequestsMock, rec: Recorder, status: int, raised: type[Exception]
+) -> None:
+    rsps.add(
+        responses.GET,
+        USAGE,
+        status=status,
+        json={"error": True, "message": "allocation 'physics' not found", "code": "not_found"},
+    )
+    with pytest.raises(raised) as info:
+        list(client(rec).iter_usage("physics"))
+    assert isinstance(info.value, errors.ApiError) and info.value.status == status
+    assert not isinstance(info.value, errors.ApiUnavailable)
+    assert len(rsps.calls) == 1 and rec.sleeps == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [[item("a")], {"items": "abc", "totalPages": 1}, {"items": {"id": "x"}, "totalPages": 1}],
+)
+def test_iter_usage_an_answer_that_is_not_a_page_is_unknown(
+    rsps: responses.RequestsMock, rec: Recorder, answer: object
+) -> None:
+    rsps.add(responses.GET, USAGE, json=answer)
+    with pytest.raises(OutcomeUnknown, match="not a page of usage events"):
+        list(client(rec, max_attempts=2).iter_usage("physics"))
+    assert len(rsps.calls) == 1  # like every read: the shape of a 2xx answer is not retried
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"started_from": datetime(2026, 3, 1)}, "naive datetime 2026-03-01T00:00:00 as "),
+        ({"created_to": datetime(2026, 3, 1, 5)}, "createdAtTo"),
+        ({"ended_from": "2026-03-01T00:00:00Z"}, "give a datetime"),
+        ({"page_size": 0}, "page_size"),
+        ({"page_size": -5}, "page_size"),
+        ({"page_size": True}, "page_size"),
+        ({"page_size": 2.5}, "page_size"),
+    ],
+)
+def test_iter_usage_checks_its_arguments_before_any_request(
+    rsps: responses.RequestsMock, rec: Recorder, kwargs: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises((ValueError, TypeError), match=problem):
+        client(rec).iter_usage("physics", **kwargs)
+    assert len(rsps.calls) == 0
+
+
+# --- delete_usage ------------------------------------------------------------------------------
+
+
+def delete_bodies(rsps: responses.RequestsMock) -> list[dict[str, Any]]:
+    return [json.loads(call.request.body or b"") for call in rsps.calls]
+
+
+def test_delete_usage_sends_at_most_100_ids_per_request(
+    rsps: responses.RequestsMock, rec: Recorder
+) -> None:
+    ids = [f"rc-{n}" for n in range(250)]
+    for deleted in (100, 97, 50):
+        rsps.add(responses.DELETE, USAGE, json={"deleted": deleted})
+
+    assert client(rec).delete_usage("physics", ids) == 247
+
+    bodies = delete_bodies(rsps)
+    assert [len(b["ids"]) for b in bodies] == [100, 100, 50]
+    assert [i for b in bodies for i in b["ids"]] == ids
+    assert all(set(b) == {"ids"} for b in bodies)
+
+
+@pytest.mark.parametrize("count", [1, 99, 100, 101, 200])
+def test_delete_usage_batch_boundaries(
+    rsps: responses.RequestsMock, rec: Recorder, count: int
+) -> None:
+    rsps.add(responses.DELETE, USAGE, json={"deleted": 1})
+    ids = (f"rc-{n}" for n in range(count))  # any iterable sequence of ids
+    assert client(rec).delete_usage("physics", list(ids)) == -(-count // 100)
+    assert [len(b["ids"]) for b in delete_bodies(rsps)] == [
+        min(100, count - start) for start in range(0, count, 100)
+    ]
+
+
+def test_delete_usage_of_no_ids_sends_nothing(rsps: responses.RequestsMock, rec: Recorder) -> None:
+    assert client(rec).delete_usage("physics", []) == 0
+    assert len(rsps.calls) == 0
+
+
+def test_delete_usage_retries_the_same_batch(rsps: responses.RequestsMock, rec: Recorder) -> None:
+    rsps.add(responses.DELETE, USAGE, json={"deleted": 100})
+    rsps.add(responses.DELETE, USAGE, status=503)
+    rsps.add(responses.DELETE, USAGE, body=requests.exceptions.ReadTimeout("slow"))
+    rsps.add(responses.DELETE, USAGE, json={"deleted": 0})  # the lost attempt deleted them
+
+    ids = [f"rc-{n}" for n in range(120)]
+    assert client(rec).delete_usage("physics", ids) == 100
+
+    bodies = delete_bodies(rsps)
+    assert [b["ids"] for b in bodies] == [ids[:100], ids[100:], ids[100:], ids[100:]]
+    assert len(rec.sleeps) == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{}, {"deleted": "3"}, {"deleted": -1}, {"deleted": True}, {"deleted": 1.5}, [], None],
+)
+def test_delete_usage_an_answer_without_a_count_is_unknown(
+    rsps: responses.RequestsMock, rec: Recorder, answer: object
+) -> None:
+    if answer is None:
+        rsps.add(responses.DELETE, USAGE, body=b"")
+    else:
+        rsps.add(responses.DELETE, USAGE, json=answer)
+    with pytest.raises(OutcomeUnknown, match="no deleted count"):
+        client(rec, max_attempts=2).delete_usage("physics", ["rc-1"])
+    assert len(rsps.calls) == 2
+
+
+def test_delete_usage_refused_is_an_api_error_without_retry(
+    rsps: responses.RequestsMock, rec: Recorder
+) -> None:
+    rsps.add(responses.DELETE, USAGE, status=404, json={"error": True, "message": "no such"})
+    with pytest.raises(errors.ApiError) as info:
+        client(rec).delete_usage("physics", ["rc-1", "rc-2"])
+    assert info.value.status == 404 and "no such" in info.value.message
+    assert len(rsps.calls) == 1
 
 
 # --- the retry budget --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from slurm_tracker.state import State, StateLock
 from tests.conftest import cli_runner, shown
 from tests.factories import live_capture, write_fake_sacct
 
-T = int(datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc).timestamp())
+T = (int(time.time()) // 60 - 180) * 60  # three hours ago: live syncs bill the last day
 BASE = "https://api.test"
 USAGE = re.compile(re.escape(BASE) + r"/api/organizations/org/allocations/([^/]+)/usage")
 CONFIG = """
@@ -301,6 +302,10 @@ def test_sync_posts_once_then_converges(site: Path, api: Api) -> None:
 
 
 def test_api_down_keeps_everything_pending_then_delivers(site: Path, api: Api) -> None:
+    capture = (site / "capture.txt").read_bytes()
+    (site / "capture.txt").write_bytes(live_capture([]))
+    assert run(site, "sync").exit_code == 0  # the state file knows the API's record
+    (site / "capture.txt").write_bytes(capture)
     api.mode = "down"
     down = run(site, "sync")
     assert down.exit_code == 75, shown(down)

@@ -948,6 +948,15 @@ def _at(epoch: int) -> str:
 
 
 def _quarantine_three_days_ago(site: Path, api: Ledger) -> None:
+    # The agent went live four days ago (its billing floor), so three-day-old runs are billed.
+    config = site / "config.yaml"
+    text = config.read_text()
+    assert "backfill_pause: 0s}" in text
+    config.write_text(
+        text.replace(
+            "backfill_pause: 0s}", f'backfill_pause: 0s, first_sync_start: "{_at(OLD - 86400)}"}}'
+        )
+    )
     capture(site, [OLD_GOOD, OLD_POISON])
     assert as_json(ok(run(site, "sync", "--output", "json")))["rejected"] == 1
     assert api.jobs() == ["11"]

@@ -9,6 +9,7 @@ import socket
 import urllib.error
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
@@ -143,7 +144,7 @@ def test_create_list_filter_delete(emu: Emulator, client: AllocationsClient) -> 
     assert total('"jobId": "42"') == 2
     assert total("") == 3
 
-    client.delete_usage("physics", [found["id"], "no-such-id"])
+    assert client.delete_usage("physics", [found["id"], "no-such-id"]) == 1
     assert keys(emu) == ["st1:a:10", "st1:b:2"]
     assert client.find_usage("physics", "st1:a:1") is None
 
@@ -169,6 +170,103 @@ def test_find_usage_walks_the_emulator_pages(clock: FakeClock, sleeps: list[floa
         ).json()
         assert (resp["total"], resp["pageSize"], resp["totalPages"]) == (6, 2, 3)
         assert [i["metadata"]["eventKey"] for i in resp["items"]] == ["st1:p:14", "st1:p:1"]
+
+
+def test_iter_usage_filters_and_pages_through_the_emulator(
+    emu: Emulator, client: AllocationsClient
+) -> None:
+    start = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    for n in range(7):
+        emu.set_now(start + timedelta(hours=n))
+        client.post_usage(
+            "physics",
+            body(
+                f"st1:box:{n}",
+                startedAt=f"2026-02-0{n + 1}T00:00:00Z",
+                endedAt="2026-02-09T00:00:00Z",
+            ),
+        )
+        client.post_usage("chemistry", body(f"st1:box:{n}"))
+    client.post_usage("physics", body("other-agent:1", endedAt="2026-02-10T00:00:00Z"))
+
+    def walk(**filters: Any) -> list[Optional[str]]:
+        found = client.iter_usage("physics", page_size=2, **filters)
+        return [item["metadata"]["eventKey"] for item in found]
+
+    assert walk() == [f"st1:box:{n}" for n in range(7)] + ["other-agent:1"]
+    assert walk(metadata="ST1:BOX:") == [f"st1:box:{n}" for n in range(7)]
+    assert walk(created_from=start + timedelta(hours=2), created_to=start + timedelta(hours=3)) == [
+        "st1:box:2",
+        "st1:box:3",
+    ]
+    plus1 = timezone(timedelta(hours=1))
+    assert walk(
+        started_from=datetime(2026, 2, 6, 1, tzinfo=plus1),  # 2026-02-06T00:00:00Z, inclusive
+        started_to=datetime(2026, 2, 7, tzinfo=timezone.utc),
+        ended_to=datetime(2026, 2, 9, tzinfo=timezone.utc),
+    ) == ["st1:box:5", "st1:box:6"]
+    assert walk(ended_from=datetime(2026, 2, 9, 0, 0, 0, 1000, tzinfo=timezone.utc)) == [
+        "other-agent:1"
+    ]
+    gets = [r["query"] for r in emu.requests() if r["method"] == "GET"]
+    assert gets[-1]["endedAtFrom"] == "2026-02-09T00:00:00.001000Z"
+    assert [q["page"] for q in gets[:4]] == ["1", "2", "3", "4"]  # 8 events, 2 a page
+
+
+def test_iter_usage_retries_a_page_through_faults(
+    emu: Emulator, client: AllocationsClient, sleeps: list[float]
+) -> None:
+    for n in range(5):
+        client.post_usage("physics", body(f"k{n}"))
+    emu.add_fault(Fault("status", status=503, method="GET", times=1))
+    emu.add_fault(Fault("reset", method="GET", times=1))
+    found = client.iter_usage("physics", page_size=3)
+    assert next(found)["metadata"]["eventKey"] == "k0"
+    assert len(sleeps) == 2
+    assert [i["metadata"]["eventKey"] for i in found] == ["k1", "k2", "k3", "k4"]
+    assert [r["status"] for r in emu.requests() if r["method"] == "GET"] == [503, "reset", 200, 200]
+
+
+def test_iter_usage_of_an_unknown_allocation_is_refused(client: AllocationsClient) -> None:
+    with pytest.raises(errors.ApiError) as info:
+        list(client.iter_usage("no-such-allocation"))
+    assert info.value.status == 404 and "no-such-allocation" in info.value.message
+    assert not isinstance(info.value, (errors.ApiUnavailable, FatalApiError))
+
+
+def test_delete_usage_in_batches_through_the_emulator(
+    emu: Emulator, client: AllocationsClient
+) -> None:
+    for n in range(230):
+        client.post_usage("physics", body(f"k{n}"))
+    client.post_usage("chemistry", body("keep"))
+    ids = [item["id"] for item in client.iter_usage("physics")]
+    assert len(ids) == 230
+
+    assert client.delete_usage("physics", [*ids, "gone-already"]) == 230
+
+    deletes = [r["body"]["ids"] for r in emu.requests() if r["method"] == "DELETE"]
+    assert [len(d) for d in deletes] == [100, 100, 31]
+    assert keys(emu) == ["keep"]
+    assert client.delete_usage("physics", ids) == 0
+
+
+def test_created_at_follows_the_wall_clock(clock: FakeClock) -> None:
+    now = [datetime(2026, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)]
+    with Emulator(clock=clock, wall_clock=lambda: now[0]) as emulator:
+        client = make_client(emulator, [])
+        assert client.post_usage("physics", body("a"))["createdAt"] == "2026-05-01T12:00:00.123Z"
+        emulator.set_now(datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))))
+        now[0] += timedelta(days=1)
+        assert client.post_usage("physics", body("b"))["createdAt"] == "2026-01-01T00:00:00.000Z"
+        emulator.set_now(None)
+        assert client.post_usage("physics", body("c"))["createdAt"] == "2026-05-02T12:00:00.123Z"
+        with pytest.raises(ValueError, match="aware"):
+            emulator.set_now(datetime(2026, 1, 1))
+        emulator.set_now(datetime(2020, 1, 1, tzinfo=timezone.utc))
+        emulator.reset()
+        assert emulator.now() == now[0]  # reset unpins the clock
+        assert [e.created_at for e in emulator.events()] == []
 
 
 def test_catalog_endpoints(client: AllocationsClient) -> None:
@@ -543,6 +641,22 @@ def test_admin_endpoint(emu: Emulator, client: AllocationsClient, clock: FakeClo
     assert admin._call("GET", "/catalog")["allocations"] == {"a": "u"}
 
 
+def test_admin_clock(emu: Emulator, client: AllocationsClient) -> None:
+    admin = AdminClient(emu.base_url)
+    real = datetime.now(timezone.utc)
+    assert abs(admin.now() - real) < timedelta(seconds=5)
+    assert admin._call("GET", "/clock")["pinned"] is False
+    pinned = datetime(2026, 4, 1, 8, 30, tzinfo=timezone(timedelta(hours=2)))
+    admin.set_now(pinned)
+    assert admin._call("GET", "/clock") == {"now": "2026-04-01T06:30:00.000Z", "pinned": True}
+    assert admin.now() == pinned
+    assert client.post_usage("physics", body("k"))["createdAt"] == "2026-04-01T06:30:00.000Z"
+    admin.set_now(None)
+    assert abs(admin.now() - real) < timedelta(seconds=5)
+    with pytest.raises(ValueError, match="aware"):
+        admin.set_now(datetime(2026, 4, 1))
+
+
 @pytest.mark.parametrize(
     ("route", "payload"),
     [
@@ -550,6 +664,9 @@ def test_admin_endpoint(emu: Emulator, client: AllocationsClient, clock: FakeClo
         ("/faults", {"kind": "reset", "colour": "red"}),
         ("/outage", {"seconds": "soon"}),
         ("/reset", {"catalog": {"allocations": {"a": "missing-unit"}}}),
+        ("/clock", {"now": "tomorrow"}),
+        ("/clock", {"when": "2026-01-01T00:00:00Z"}),
+        ("/clock", {"now": "2026-01-01T00:00:00"}),
     ],
 )
 def test_admin_endpoint_refuses_nonsense(emu: Emulator, route: str, payload: Any) -> None:
@@ -577,3 +694,11 @@ def test_process_mode_keeps_state_in_its_file(tmp_path: Path, sleeps: list[float
         )
         assert client.find_usage("physics", "st1:p") is not None
         assert [e.event_key for e in again.admin.events()] == ["st1:p"]
+        again.admin.set_now(datetime(2100, 6, 1, tzinfo=timezone.utc))
+        client.post_usage("physics", body("st1:q"))
+        late = datetime(2100, 6, 1, tzinfo=timezone.utc)
+        (item,) = client.iter_usage("physics", created_from=late)
+        assert (item["metadata"]["eventKey"], item["createdAt"]) == (
+            "st1:q",
+            "2100-06-01T00:00:00.000Z",
+        )

@@ -2,7 +2,8 @@
 
 It serves the subset of the contract slurm-tracker uses, for one organization:
 
-- ``POST/GET/DELETE /api/organizations/{org}/allocations/{name}/usage``
+- ``POST/GET/DELETE /api/organizations/{org}/allocations/{name}/usage``,
+  ``DELETE .../allocations/{name}/usage/all``
 - ``GET /api/organizations/{org}/allocations/{name}``
 - ``GET /api/organizations/{org}/units``, ``.../units/{unit}/skus[?includeArchived=true]``,
   ``.../units/{unit}/skus/{sku}/rules`` (``{sku}``: the SKU id, or its code)
@@ -18,8 +19,21 @@ only when the unit is ``ratedInUsd``), each rate from the rule in force at ``sta
 platform's behaviour there is unknown, and a refusal makes a mismatch visible in tests.
 An unknown or archived SKU code is refused with 404 ``not_found`` (the contract does not say).
 
-Only the ``page``, ``pageSize`` and ``metadata`` list filters are implemented; items are listed
-oldest first; ``pageSize`` is capped at ``max_page_size``.
+The list (``GET .../usage``) takes every filter of the contract, each bound inclusive (see
+:mod:`tests.emulator.filters`): ``startedAtFrom/To``, ``endedAtFrom/To``, ``createdAtFrom/To``
+(RFC 3339, compared as instants), ``quantityMin/Max``, ``amountMin/Max``, ``unitRateMin/Max``
+(numbers), ``type`` and ``subtype`` (case-insensitive "contains"), ``metadata``
+(case-insensitive "contains" in the metadata's JSON text); a value that cannot be read is a 400.
+``page`` is 1-indexed (default 1), ``pageSize`` defaults to 50 and is capped at
+``max_page_size`` (the answer's ``pageSize`` says what was used); ``total`` and ``totalPages``
+count the filtered events; a page past the end is empty. Items are ordered by ``createdAt``,
+then by arrival. ``DELETE .../usage`` with ``{"ids": [...]}`` deletes the events of that
+allocation with those list-item ids and answers ``{"deleted": n}`` (ids that existed);
+``DELETE .../usage/all`` deletes the allocation's events that the same filters select (all of
+them without filters) and answers the same way.
+
+``createdAt`` is the time of the POST on the emulator's wall clock: ``wall_clock`` (default:
+the real time), or a time pinned with :meth:`Emulator.set_now` or ``POST /_emulator/clock``.
 
 Admin endpoint (no auth), for tests that run the emulator in another process
 (:class:`AdminClient` wraps it):
@@ -34,8 +48,11 @@ Admin endpoint (no auth), for tests that run the emulator in another process
 - ``POST /_emulator/outage`` with ``{"seconds": 5}``: every API connection is closed without
   an answer (reset) until then
 - ``POST /_emulator/reset`` (optional body ``{"catalog": {...}}``): forget events, requests,
-  faults and outage
+  faults, outage and a pinned clock
 - ``GET /_emulator/catalog`` -> the catalog
+- ``GET /_emulator/clock`` -> ``{"now": RFC 3339, "pinned": bool}``; ``POST /_emulator/clock``
+  with ``{"now": "2026-03-01T00:00:00Z"}`` pins the wall clock (``createdAt`` of new events),
+  ``{"now": null}`` unpins it
 """
 
 from __future__ import annotations
@@ -66,6 +83,7 @@ from urllib import request as urlrequest
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from tests.emulator import schemas
+from tests.emulator.filters import InvalidQuery, UsageFilter, instant
 
 DEFAULT_ORGANIZATION = "test-org"
 #: ``pwt_<base64url("localhost")>.<secret>``
@@ -123,9 +141,14 @@ DEFAULT_CATALOG: Mapping[str, Any] = {
 }
 
 
-def _now_text() -> str:
-    now = datetime.now(timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+def _real_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _time_text(when: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds, as the platform writes ``createdAt``."""
+    utc = when.astimezone(timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
 def _id(kind: str, *names: str) -> str:
@@ -534,6 +557,7 @@ class Emulator:
         state_file: Optional[Path] = None,
         max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = _real_now,
     ) -> None:
         self.catalog = Catalog.from_dict(catalog if catalog is not None else DEFAULT_CATALOG)
         self.organization = organization
@@ -543,6 +567,8 @@ class Emulator:
         self.state_file = state_file
         self.max_page_size = max_page_size
         self.clock = clock  # outage deadlines are read on it
+        self.wall_clock = wall_clock  # createdAt of new events, unless pinned (set_now)
+        self._pinned_now: Optional[datetime] = None
         self._lock = threading.RLock()
         self._events: list[StoredEvent] = []
         self._requests: list[dict[str, Any]] = []
@@ -632,7 +658,8 @@ class Emulator:
             self._outage_until = self.clock() + seconds
 
     def reset(self, catalog: Optional[Mapping[str, Any]] = None) -> None:
-        """Forget events, requests, faults and outage; optionally load another catalog."""
+        """Forget events, requests, faults, outage and a pinned clock; optionally load another
+        catalog."""
         with self._lock:
             if catalog is not None:
                 self.catalog = Catalog.from_dict(catalog)
@@ -640,7 +667,22 @@ class Emulator:
             self._requests.clear()
             self._faults.clear()
             self._outage_until = None
+            self._pinned_now = None
             self._save()
+
+    def now(self) -> datetime:
+        """The wall-clock time new events are created at (pinned, or ``wall_clock()``)."""
+        with self._lock:
+            pinned = self._pinned_now
+        return pinned if pinned is not None else self.wall_clock()
+
+    def set_now(self, when: Optional[datetime]) -> None:
+        """Pin the wall clock at ``when`` (an aware datetime) for new events' ``createdAt``;
+        None: back to ``wall_clock``."""
+        if when is not None and when.utcoffset() is None:
+            raise ValueError(f"set_now needs an aware datetime, got {when.isoformat()}")
+        with self._lock:
+            self._pinned_now = when
 
     # -- internals used by the handler
 
@@ -689,6 +731,18 @@ class Emulator:
             return _Outcome(body={"requests": self.requests()})
         if method == "GET" and route == "/catalog":
             return _Outcome(body=self.catalog.raw)
+        if route == "/clock" and method in ("GET", "POST"):
+            if method == "POST":
+                if not isinstance(body, dict) or "now" not in body:
+                    raise HttpError(400, "invalid", 'POST {"now": "<RFC 3339>" or null}')
+                text = body["now"]
+                try:
+                    self.set_now(None if text is None else schemas.parse_rfc3339(str(text)))
+                except ValueError as exc:
+                    raise HttpError(400, "invalid", f"bad time: {exc}") from exc
+            with self._lock:
+                pinned = self._pinned_now is not None
+            return _Outcome(body={"now": _time_text(self.now()), "pinned": pinned})
         if route == "/faults":
             if method == "GET":
                 with self._lock:
@@ -749,6 +803,9 @@ class Emulator:
             if method == "DELETE":
                 return 200, self._delete_usage(rest[1], body)
             self._only(method, "GET, POST, DELETE")
+        if len(rest) == 4 and rest[0] == "allocations" and rest[2:] == ["usage", "all"]:
+            self._only(method, "DELETE")
+            return 200, self._delete_all_usage(rest[1], query)
         if rest == ["units"]:
             self._only(method, "GET")
             return 200, [self._unit_json(u) for u in self.catalog.units.values()]
@@ -890,7 +947,7 @@ class Emulator:
             quantity=quantity,
             started_at=body["startedAt"],
             ended_at=body["endedAt"],
-            created_at=_now_text(),
+            created_at=_time_text(self.now()),
             user=body.get("user"),
             metadata=dict(body.get("metadata") or {}),
             sku_rate=sku_rate,
@@ -917,13 +974,7 @@ class Emulator:
         self._allocation(allocation)
         page = _positive_int(query, "page", 1)
         size = min(_positive_int(query, "pageSize", 50), self.max_page_size)
-        needle = query.get("metadata", "").lower()
-        matching = [
-            e
-            for e in self.events()
-            if e.allocation == allocation
-            and (not needle or needle in json.dumps(e.metadata, default=str).lower())
-        ]
+        matching = self._matching(allocation, _filter(query))
         chunk = matching[(page - 1) * size : page * size]
         return {
             "items": [self._rated_cost_json(e) for e in chunk],
@@ -932,6 +983,11 @@ class Emulator:
             "pageSize": size,
             "totalPages": math.ceil(len(matching) / size),
         }
+
+    def _matching(self, allocation: str, selected: UsageFilter) -> list[StoredEvent]:
+        """The allocation's events that ``selected`` keeps, by ``createdAt`` then arrival."""
+        events = [e for e in self.events() if e.allocation == allocation and selected.matches(e)]
+        return sorted(events, key=lambda e: instant(e.created_at))  # stable: ties by arrival
 
     def _rated_cost_json(self, event: StoredEvent) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -971,6 +1027,26 @@ class Emulator:
             deleted = before - len(self._events)
             self._save()
         return {"deleted": deleted}
+
+    def _delete_all_usage(self, allocation: str, query: Mapping[str, str]) -> dict[str, Any]:
+        self._allocation(allocation)
+        selected = _filter(query)
+        with self._lock:
+            doomed = {e.id for e in self._matching(allocation, selected)}
+            self._events = [
+                e for e in self._events if not (e.allocation == allocation and e.id in doomed)
+            ]
+            self._save()
+        return {"deleted": len(doomed)}
+
+
+def _filter(query: Mapping[str, str]) -> UsageFilter:
+    try:
+        return UsageFilter.from_query(query)
+    except InvalidQuery as exc:
+        raise HttpError(
+            400, "invalid", "query parameters of the usage list are invalid", exc.problems
+        ) from exc
 
 
 def _positive_int(query: Mapping[str, str], name: str, default: int) -> int:
@@ -1230,6 +1306,16 @@ class AdminClient:
 
     def reset(self, catalog: Optional[Mapping[str, Any]] = None) -> None:
         self._call("POST", "/reset", {"catalog": catalog} if catalog is not None else {})
+
+    def now(self) -> datetime:
+        """The emulator's wall clock (what ``createdAt`` of a new event would be)."""
+        return schemas.parse_rfc3339(self._call("GET", "/clock")["now"])
+
+    def set_now(self, when: Optional[datetime]) -> None:
+        """Pin the emulator's wall clock at ``when`` (aware); None: the real time again."""
+        if when is not None and when.utcoffset() is None:
+            raise ValueError(f"set_now needs an aware datetime, got {when.isoformat()}")
+        self._call("POST", "/clock", {"now": None if when is None else when.isoformat()})
 
 
 class EmulatorProcess:
