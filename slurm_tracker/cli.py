@@ -1,7 +1,9 @@
 """Command-line interface. The only module that prints and chooses exit codes.
 
-Exit codes: 0 ok; 1 runtime failure; 2 usage error; 3 invalid configuration or state file;
-4 some events dead-lettered or still pending; 75 temporary failure (cron: just try again).
+Exit codes: 0 ok; 1 runtime failure; 2 usage error; 3 invalid configuration or state file
+(or an unsafe file, or a high-water mark in the future); 4 some events dead-lettered, held or
+still pending; 5 another agent bills this cluster; 6 reconcile found discrepancies; 75 temporary
+failure (cron: just try again).
 """
 
 from __future__ import annotations
