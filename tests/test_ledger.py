@@ -9,17 +9,19 @@ import os
 import shutil
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from click.testing import Result
 
-from slurm_tracker import ledger
+from slurm_tracker import ledger, pipeline
 from slurm_tracker.cli import main
+from slurm_tracker.config import config_from_text
 from slurm_tracker.events import event_key
-from slurm_tracker.models import UsageSegment
+from slurm_tracker.models import ParseResult, UsageSegment
 from slurm_tracker.state import State
 from tests.conftest import cli_runner, shown
 from tests.emulator import DEFAULT_API_KEY, Emulator
@@ -295,3 +297,34 @@ def test_state_rebuild_from_the_api(tmp_path: Path, emulator: Emulator) -> None:
     assert "0 were unknown" in shown(again)
     assert json.loads(site.sync().stdout)["posted"] == 0
     assert len(emulator.events()) == 2
+
+
+def test_a_long_suspended_run_forgotten_by_prune_is_not_billed_again(tmp_path: Path) -> None:
+    # State.prune forgets final runs by start + billed elapsed seconds, which leaves the
+    # suspended time out: such a run can be pruned while its real End is still inside the
+    # next window's overlap. It is then re-read with no progress row: it must not be billed
+    # again (issue 9, "read from the code").
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    start = now - timedelta(days=3)
+    suspended = record(job_id="77", start_at=start, elapsed_s=3600)
+    suspended = replace(suspended, end_at=now - timedelta(minutes=10))
+    config = config_from_text(
+        "cluster: box\naccounts: {map: {physics: phys}}\npartitions: {map: {compute: CPU}}\n",
+        "test",
+    )
+    parsed = ParseResult(records=(suspended,), rejected=())
+    with State.open(tmp_path / "state.db") as store:
+        first = pipeline.plan_usage(parsed, {}, config, now_at=now)
+        assert [e.quantity for e in first.events] == [Decimal(4)]
+        pipeline.commit(store, first, now, now)
+        removed, _ = store.prune(now, 3600, 30 * 86400)
+        assert removed == 1  # start + 1 h is long before the horizon, its End is not
+        again = pipeline.plan_usage(
+            parsed,
+            store.reported([suspended.run]),
+            config,
+            now_at=now,
+            forgotten_before=store.pruned_before(),
+        )
+    assert again.events == ()
+    assert "no longer remembers what was billed" in again.skipped[0].reason
