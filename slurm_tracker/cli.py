@@ -22,7 +22,7 @@ from typing import Any, Optional, TypeVar, cast
 import click
 from dateutil import parser as dateparser
 
-from slurm_tracker import __version__, api, ledger, pipeline, rating, report
+from slurm_tracker import __version__, api, ledger, pipeline, rating, replan, report
 from slurm_tracker import reconcile as reconciling
 from slurm_tracker.config import Config, load_config, parse_duration, resolve_config_path
 from slurm_tracker.errors import (
@@ -585,6 +585,35 @@ _outbox_change_command(
     "Send held events (quantity above limits.hold_above) after checking them: they go back "
     "to pending and the next sync sends them.",
 )
+
+
+@outbox.command("replan")
+@_config_option
+@_state_option
+@click.option("--all", "all_", is_flag=True, help="Every dead event.")
+@click.argument("keys", nargs=-1)
+@handles_errors
+def outbox_replan(
+    config_path: Optional[str], state_path: Optional[str], all_: bool, keys: tuple[str, ...]
+) -> None:
+    """Map dead events again with the current configuration (e.g. after fixing a typo in
+    accounts.map), looking each one up on the API first; the next sync sends them."""
+    if not keys and not all_:
+        raise click.UsageError("name the event keys to replan, or pass --all")
+    config = _load(config_path)
+    path = _state_path(config, state_path)
+    now_at = pipeline.utc_now()
+    client = _client(config)
+    with StateLock(path) as lock:
+        lock.acquire(now_at)
+        with State.open(path) as store:
+            results = replan.replan(config, store, client, None if all_ else list(keys), now_at)
+    if not results:
+        click.echo("no dead events to replan")
+    for result in results:
+        click.echo(f"{result.outcome:<10} {result.key}: {report.printable(result.detail)}")
+    if any(r.outcome == "refused" for r in results):
+        sys.exit(EXIT_UNDELIVERED)
 
 
 @main.group()

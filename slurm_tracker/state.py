@@ -932,6 +932,49 @@ class State:
         None. Returns how many were released."""
         return self._move(keys, ("held",), "pending", now_at)
 
+    def replan(
+        self,
+        key: str,
+        allocation: str,
+        sku: str,
+        new_key: str,
+        body: Mapping[str, Any],
+        now_at: datetime,
+    ) -> bool:
+        """A dead event re-mapped to ``allocation`` and ``sku`` (``outbox replan``), in ONE
+        transaction: under the same key it goes back to pending; under a new key (the SKU is
+        part of the key) a new pending row replaces it and the old one is dropped. False when
+        the event is no longer dead."""
+        self._writable()
+        now = _epoch(now_at)
+        with self._tx("replan an event") as cur:
+            row = cur.execute(
+                "SELECT quantity, started_at, ended_at FROM outbox WHERE event_key=? "
+                "AND status='dead'",
+                (key,),
+            ).fetchone()
+            if row is None:
+                return False
+            text = json.dumps(body, sort_keys=True)
+            if new_key == key:
+                cur.execute(
+                    """UPDATE outbox SET allocation=?, sku=?, body=?, status='pending',
+                       outcome_unknown=0, last_error='', updated_at=? WHERE event_key=?""",
+                    (allocation, sku, text, now, key),
+                )
+                return True
+            cur.execute(  # a key already stored means this stretch is planned: not twice
+                """INSERT OR IGNORE INTO outbox (event_key, allocation, sku, quantity, started_at,
+                   ended_at, body, status, created_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)""",
+                (new_key, allocation, sku, row[0], row[1], row[2], text, now, now),
+            )
+            cur.execute(
+                "UPDATE outbox SET status='dropped', last_error=?, updated_at=? WHERE event_key=?",
+                (f"replanned as {new_key}", now, key),
+            )
+            return True
+
     def _move(
         self, keys: Optional[Sequence[str]], from_: Sequence[str], to: str, now_at: datetime
     ) -> int:

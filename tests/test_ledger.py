@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import replace
@@ -328,3 +329,69 @@ def test_a_long_suspended_run_forgotten_by_prune_is_not_billed_again(tmp_path: P
         )
     assert again.events == ()
     assert "no longer remembers what was billed" in again.skipped[0].reason
+
+
+@pytest.mark.parametrize(
+    ("typo", "fixed"),
+    [
+        ("physics: phyiscs", "physics: physics"),  # allocation typo: 404, same key after
+        ("compute: CPU_HOURS", "compute: CPU_HOUR"),  # SKU typo: 400, a new key after
+    ],
+)
+def test_outbox_replan_maps_dead_events_again(
+    tmp_path: Path, emulator: Emulator, typo: str, fixed: str
+) -> None:
+    site = Site(tmp_path, emulator)
+    good = site.config.read_text()
+    site.config.write_text(good.replace(fixed, typo))
+    site.jobs(job(1, 3600))
+    site.sync(code=4)
+    assert emulator.events() == []
+    site.config.write_text(good)
+    assert "1 event back to pending" in shown(site.run("outbox", "retry", "--all"))
+    site.config.write_text(good.replace(fixed, typo))
+    site.sync(code=4)  # the frozen allocation/SKU fails again: retry cannot fix a typo
+    site.config.write_text(good)
+    assert site.run("outbox", "replan").exit_code == 2  # names or --all
+    result = site.run("outbox", "replan", "--all")
+    assert result.exit_code == 0, shown(result)
+    assert "replanned" in shown(result)
+    site.sync()
+    (event,) = emulator.events()
+    assert (event.allocation, event.sku) == ("physics", "CPU_HOUR")
+    assert event.metadata["eventKey"].endswith(":CPU_HOUR")
+    assert billed_seconds(emulator) == {"1": 3600}
+    assert site.run("outbox", "replan", "--all").stdout.startswith("no dead events")
+
+
+def test_outbox_replan_acks_a_dead_event_that_landed_after_all(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    site = Site(tmp_path, emulator)
+    site.jobs(job(1, 3600))
+    site.sync()
+    conn = sqlite3.connect(site.state)
+    conn.execute("UPDATE outbox SET status='dead'")
+    conn.commit()
+    conn.close()
+    result = site.run("outbox", "replan", "--all")
+    assert result.exit_code == 0, shown(result)
+    assert "found" in shown(result)
+    site.sync()
+    assert len(emulator.events()) == 1
+    with State.open(site.state, readonly=True) as store:
+        assert store.counts()["acked"] == 1
+
+
+def test_outbox_replan_refuses_what_the_config_no_longer_maps(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    site = Site(tmp_path, emulator)
+    good = site.config.read_text()
+    site.config.write_text(good.replace("physics: physics", "physics: phyiscs"))
+    site.jobs(job(1, 3600))
+    site.sync(code=4)
+    site.config.write_text(good.replace("physics: physics", "chemistry: chemistry"))
+    result = site.run("outbox", "replan", "--all")
+    assert result.exit_code == 4
+    assert "refused" in shown(result) and "maps to no allocation" in shown(result)
