@@ -22,7 +22,7 @@ from typing import Any, Optional, TypeVar, cast
 import click
 from dateutil import parser as dateparser
 
-from slurm_tracker import __version__, api, ledger, pipeline, rating, replan, report
+from slurm_tracker import __version__, api, correcting, ledger, pipeline, rating, replan, report
 from slurm_tracker import reconcile as reconciling
 from slurm_tracker.config import Config, load_config, parse_duration, resolve_config_path
 from slurm_tracker.errors import (
@@ -322,6 +322,7 @@ def sync(
                     now_at, sacct_file, _fields(sacct_fields), stdin, os.environ, take_over
                 ),
             )
+            result = correcting.after_sync(config, store, client, catalog, result)
     _finish(result, output)
 
 
@@ -918,3 +919,111 @@ def _show_reconcile(
         click.echo(json.dumps(reconciling.as_json(found, fix, applied, after), indent=2))
     else:
         click.echo(reconciling.as_text(found, fix, applied, after))
+
+
+@main.group("corrections")
+def corrections_group() -> None:
+    """Runs slurmdbd now says used less than was billed (e.g. runaway jobs an admin fixed).
+
+    A sync or backfill that reads a final run whose ElapsedRaw is below the seconds already
+    billed records a correction instead of billing. Nothing changes on the API unless asked:
+    `corrections apply --yes`, or `corrections: {apply: true}` in the config (each sync then
+    applies the open ones after delivering).
+    """
+
+
+@corrections_group.command("list")
+@_config_option
+@_state_option
+@click.option("--all", "all_", is_flag=True, help="Applied and dismissed ones too.")
+@_output_option
+@handles_errors
+def corrections_list(
+    config_path: Optional[str], state_path: Optional[str], all_: bool, output: str
+) -> None:
+    """List corrections (the open ones unless --all), oldest first."""
+    config = _load(config_path)
+    with State.open(_state_path(config, state_path), readonly=True) as store:
+        rows = store.corrections(include_closed=all_)
+    if output == "json":
+        click.echo(json.dumps([correcting.row_json(r) for r in rows], indent=2))
+    else:
+        click.echo(correcting.list_text(rows))
+
+
+@corrections_group.command("apply")
+@_config_option
+@_state_option
+@click.option("--yes", is_flag=True, help="Do it (without it, only show what it would do).")
+@click.argument("runs", nargs=-1, metavar="[RUN|JOBID]...")
+@_output_option
+@_log_options
+@handles_errors
+def corrections_apply(
+    config_path: Optional[str],
+    state_path: Optional[str],
+    yes: bool,
+    runs: tuple[str, ...],
+    output: str,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Correct the API's record of the open corrections (or of the runs named).
+
+    For each run: its events on the API (our keys for this run only) whose stretch reaches
+    beyond slurmdbd's seconds are deleted, and their valid part is posted again through the
+    outbox (exactly once); then the run's progress is set to slurmdbd's seconds and the
+    correction is marked applied. Without --yes it reads the API and shows what it would do.
+    Exit 0 when every correction tried was applied, 4 when some stay open (the reason is
+    shown; the next apply goes on from there).
+    """
+    _setup_logging(verbose, quiet)
+    config = _load(config_path)
+    catalog = pipeline.load_catalog(config)
+    path = _state_path(config, state_path)
+    client = _client(config)
+    if not yes:
+        with State.open(path, readonly=True) as store:
+            attempts = [
+                correcting.preview(row, config, store, client, catalog)
+                for row in store.corrections()
+                if not runs or row.run in runs or row.job_id in runs
+            ]
+    else:
+        with StateLock(path) as lock:
+            lock.acquire(pipeline.utc_now())
+            with State.open(path) as store:
+                # what is waiting goes out first: a run with unsettled events is not corrected
+                pipeline.deliver_outbox(store, client, pipeline.utc_now, config.api.concurrency)
+                attempts = correcting.apply_open(config, store, client, catalog, runs)
+    if output == "json":
+        click.echo(json.dumps(correcting.attempts_json(attempts, yes), indent=2))
+    else:
+        click.echo(correcting.attempts_text(attempts, yes))
+    if yes and any(a.status == "open" for a in attempts):
+        sys.exit(EXIT_UNDELIVERED)
+
+
+@corrections_group.command("dismiss")
+@_config_option
+@_state_option
+@click.argument("runs", nargs=-1, required=True, metavar="RUN|JOBID...")
+@click.option("--reason", default="", help="Why (kept with the correction).")
+@handles_errors
+def corrections_dismiss(
+    config_path: Optional[str], state_path: Optional[str], runs: tuple[str, ...], reason: str
+) -> None:
+    """Leave the API's record of these runs as it is: their open corrections are dismissed.
+
+    A correction whose apply already deleted events cannot be dismissed: apply it."""
+    config = _load(config_path)
+    path = _state_path(config, state_path)
+    now_at = pipeline.utc_now()
+    with StateLock(path) as lock:
+        lock.acquire(now_at)
+        with State.open(path) as store:
+            chosen = [r.run for r in store.corrections() if r.run in runs or r.job_id in runs]
+            count = store.dismiss_corrections(
+                chosen, reason or "dismissed by an operator (`corrections dismiss`)", now_at
+            )
+    click.echo(f"{count} correction{'s' if count != 1 else ''} dismissed")

@@ -120,6 +120,15 @@ class PartitionMapping:
 
 
 @dataclass(frozen=True)
+class CorrectionsConfig:
+    """Runs slurmdbd now says used less than was billed (see corrections.py)."""
+
+    # Correct the API's record after each sync (delete the over-billed events, post their
+    # valid part again). Off by default: `slurm-tracker corrections apply --yes` does it on demand.
+    apply: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: str
     state_file: Path
@@ -133,6 +142,7 @@ class Config:
     catalog: Optional[Mapping[str, object]] = None  # inline `catalog:`, validated by rating
     source: str = "<config>"  # where it was read from, for messages
     limits: Limits = Limits()
+    corrections: CorrectionsConfig = CorrectionsConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,6 +167,7 @@ CONFIG_KEYS: Mapping[str, tuple[str, ...]] = {
         "catalog_file",
         "catalog",
         "limits",
+        "corrections",
     ),
     "api": (
         "organization",
@@ -185,6 +196,7 @@ CONFIG_KEYS: Mapping[str, tuple[str, ...]] = {
     "partitions": ("map", "default", "ignore"),
     "metadata": ("fields",),
     "limits": ("max_cpus", "max_gpus", "max_nodes", "max_memory", "clock_skew", "hold_above"),
+    "corrections": ("apply",),
 }
 _CHARGE_KEYS = ("sku", "metric")
 
@@ -724,6 +736,7 @@ class _Reader:
         catalog_file = self.path_value(top.get("catalog_file"), ("catalog_file",))
         catalog = self.catalog(top.get("catalog"))
         limits = self.limits(top.get("limits"))
+        corrections = self.corrections(top.get("corrections"))
         if catalog_file is not None and catalog is not None:
             self.add(
                 ("catalog",),
@@ -745,6 +758,7 @@ class _Reader:
             catalog=catalog,
             source=source,
             limits=limits,
+            corrections=corrections,
         )
 
     def not_a_configuration(self, root: Node) -> None:
@@ -1593,6 +1607,19 @@ class _Reader:
             self.add(("catalog",), node, "the catalog's keys must be names")
             return None
         return cast("dict[str, object]", data)
+
+    def corrections(self, entry: Optional[_Entry]) -> CorrectionsConfig:
+        """The corrections section: whether syncs apply them."""
+        path: Where = ("corrections",)
+        fields = self.fields(entry.value if entry else None, path, CONFIG_KEYS["corrections"])
+        apply = (fields or {}).get("apply")
+        if apply is None:
+            return CorrectionsConfig()
+        node = apply.value
+        if not isinstance(node, ScalarNode) or node.tag != _BOOL:
+            self.add((*path, "apply"), node, f"expected true or false; got {_kind(node)}")
+            return CorrectionsConfig()
+        return CorrectionsConfig(apply=bool(_construct(node)))
 
 
 def _construct(node: Node) -> object:

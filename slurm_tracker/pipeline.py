@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from slurm_tracker import api, ledger, rating, sacct, state
 from slurm_tracker.config import Config, SacctConfig
+from slurm_tracker.corrections import Correction, detect
 from slurm_tracker.errors import (
     ApiError,
     InputError,
@@ -67,6 +68,11 @@ class Plan:
     steps_ignored: int = 0
     held: frozenset[str] = frozenset()  # keys of events held for an operator (limits.hold_above)
     checked_runs: frozenset[str] = frozenset()  # runs found plausible: their quarantine resolves
+    # final runs whose ElapsedRaw is below what was billed (see corrections.py), and final runs
+    # billed before whose ElapsedRaw is not (run text, ElapsedRaw): an open correction of theirs
+    # is out of date
+    corrections: tuple[Correction, ...] = ()
+    final_seen: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ def plan_usage(
     events: list[PlannedEvent] = []
     problems: list[str] = []
     checked: set[str] = set()
+    corrections: list[Correction] = []
+    final_seen: list[tuple[str, int]] = []
     for record in records:
         try:
             if record.run not in reported and _forgotten(record, forgotten_before):
@@ -179,6 +187,12 @@ def plan_usage(
             rejected.append(outcome)
             continue
         checked.add(record.run.text)
+        if isinstance(outcome, Correction):
+            corrections.append(outcome)
+            skipped.append(outcome.skipped)
+            continue
+        if record.final and 0 < reported.get(record.run, 0) <= record.elapsed_s:
+            final_seen.append((record.run.text, record.elapsed_s))
         if isinstance(outcome, Skipped):
             skipped.append(outcome)
             continue
@@ -196,6 +210,8 @@ def plan_usage(
         steps_ignored=parsed.steps_ignored,
         held=held,
         checked_runs=frozenset(checked),
+        corrections=tuple(corrections),
+        final_seen=tuple(final_seen),
     )
 
 
@@ -205,8 +221,9 @@ def _plan_record(
     config: Config,
     catalog: Optional[rating.Catalog],
     how: tuple[SegmentPolicy, Optional[datetime], Optional[datetime], str],
-) -> Union[tuple[list[PlannedEvent], list[str]], Skipped, Rejected]:
-    """The events of one run (with rating problems), or why it gives none.
+) -> Union[tuple[list[PlannedEvent], list[str]], Skipped, Rejected, Correction]:
+    """The events of one run (with rating problems), or why it gives none (a Correction when
+    slurmdbd now says less than was billed).
 
     ``how``: the segment policy, the real clock, the billing floor and the agent's id."""
     policy, now_at, floor_at, agent = how
@@ -222,6 +239,11 @@ def _plan_record(
         problem = implausible(record, now_at, config.limits)
         if problem is not None:
             return _rejected(record, problem)
+    correction = detect(
+        record, reported_s, target.allocation, target.charges, config.metadata_fields
+    )
+    if correction is not None:
+        return correction
     if floor_at is not None and record.start_at is not None:
         floor_s = int((floor_at - record.start_at).total_seconds())
         if floor_s >= policy.billable_s(record) and record.final:
@@ -604,8 +626,8 @@ def commit(
     store: state.State, plan: Plan, now_at: datetime, high_water_at: Optional[datetime]
 ) -> int:
     """Store a plan in ONE transaction: outbox (held events held), progress, the high-water
-    mark (never past the real clock), the quarantine of rejected records, and the resolution of
-    entries whose run now reads sane."""
+    mark (never past the real clock), the quarantine of rejected records, the resolution of
+    entries whose run now reads sane, and the corrections found."""
     if high_water_at is not None:
         high_water_at = min(high_water_at, utc_now())
     pruned_before = store.pruned_before()
@@ -626,6 +648,8 @@ def commit(
             for r in plan.rejected
         ],
         resolved=plan.checked_runs,
+        corrections=[c.stored() for c in plan.corrections],
+        final_seen=dict(plan.final_seen),
     )
 
 
@@ -814,6 +838,8 @@ def merge_plans(plans: Sequence[Plan]) -> Plan:
         steps_ignored=sum(p.steps_ignored for p in plans),
         held=frozenset(k for p in plans for k in p.held),
         checked_runs=frozenset(r for p in plans for r in p.checked_runs),
+        corrections=tuple(c for p in plans for c in p.corrections),
+        final_seen=tuple(f for p in plans for f in p.final_seen),
     )
 
 

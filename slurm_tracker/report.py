@@ -300,6 +300,7 @@ def status_info(store: State, now_at: datetime, skew_s: int = 300) -> dict[str, 
         "highWaterAgeSeconds": int((now_at - high).total_seconds()) if high else None,
         "highWaterInFuture": bool(high and high > now_at + timedelta(seconds=skew_s)),
         "quarantined": store.quarantine_count(),
+        "openCorrections": store.correction_count(),
         "outbox": counts,
         "oldestPending": rfc3339(waiting[0].created_at) if waiting else None,
         "reportedLastDay": totals(now_at - timedelta(days=1)),
@@ -341,6 +342,11 @@ def status_text(info: dict[str, Any]) -> str:
         out.append(
             f"quarantined     {info['quarantined']} records rejected and not billed: see "
             "`slurm-tracker quarantine list`"
+        )
+    if info["openCorrections"]:
+        out.append(
+            f"corrections     {info['openCorrections']} open: runs slurmdbd now says used less "
+            "than was billed; see `slurm-tracker corrections list`"
         )
     last = info["lastSync"]
     if last:

@@ -81,7 +81,9 @@ def new_usage(
     billable_s = policy.billable_s(record)
     if reported_s >= billable_s:
         if reported_s > record.elapsed_s:
-            # ElapsedRaw never shrinks for a run; if it did, we never take usage back.
+            # ElapsedRaw of a running run never shrinks; if it did, we never take usage back.
+            # (A FINAL run below what was billed never gets here: it is recorded as a
+            # correction by the plan stage, see corrections.py.)
             return Skipped(
                 record.job_id,
                 f"elapsed {record.elapsed_s} s is below the {reported_s} s already reported: "

@@ -47,7 +47,7 @@ from slurm_tracker.models import PlannedEvent, RunKey
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x534C5452  # "SLTR" in the SQLite header: this file is a slurm-tracker state
 STATUSES = ("pending", "held", "sending", "acked", "dead", "dropped")
 QUARANTINE_TEXT_MAX = 1000  # characters kept of a quarantined record's text and reason
@@ -59,6 +59,11 @@ _OUTBOX_COLUMNS = (
 _QUARANTINE_COLUMNS = (
     "key, job_id, reason, text, first_seen_at, last_seen_at, times_seen, resolved_at"
 )
+_CORRECTION_COLUMNS = (
+    "run, job_id, allocations, skus, billed_s, actual_s, record, status, removed, attempts, "
+    "note, first_seen_at, last_seen_at, times_seen, updated_at, resolved_at"
+)
+CORRECTION_STATUSES = ("open", "applied", "dismissed")
 
 
 def _outbox_ddl(table: str, statuses: Sequence[str]) -> str:
@@ -121,10 +126,32 @@ _MIGRATIONS: Mapping[int, Sequence[str]] = {
         )""",
         "CREATE INDEX quarantine_open ON quarantine (resolved_at, first_seen_at)",
     ),
+    3: (
+        """CREATE TABLE corrections (
+            run TEXT PRIMARY KEY,          -- cluster:jobidraw:submit-epoch
+            job_id TEXT NOT NULL,
+            allocations TEXT NOT NULL,     -- JSON list: where the mapping bills the run
+            skus TEXT NOT NULL,            -- JSON list of SKU codes
+            billed_s INTEGER NOT NULL,     -- elapsed seconds billed (the run's progress)
+            actual_s INTEGER NOT NULL,     -- slurmdbd's ElapsedRaw, as last seen
+            record TEXT NOT NULL,          -- JSON: the record as last seen (corrections.py)
+            status TEXT NOT NULL CHECK (status IN ('open', 'applied', 'dismissed')),
+            removed TEXT NOT NULL DEFAULT '[]',  -- JSON: stretches deleted on the API so far
+            attempts INTEGER NOT NULL DEFAULT 0,
+            note TEXT NOT NULL DEFAULT '', -- why it is still open, or why it was dismissed
+            first_seen_at INTEGER NOT NULL,
+            last_seen_at INTEGER NOT NULL,
+            times_seen INTEGER NOT NULL DEFAULT 1,
+            updated_at INTEGER NOT NULL,
+            resolved_at INTEGER            -- NULL while open
+        )""",
+        "CREATE INDEX corrections_status ON corrections (status, first_seen_at)",
+    ),
 }
 _TABLES: Mapping[int, frozenset[str]] = {
     1: frozenset({"meta", "progress", "outbox", "syncs"}),
     2: frozenset({"meta", "progress", "outbox", "syncs", "quarantine"}),
+    3: frozenset({"meta", "progress", "outbox", "syncs", "quarantine", "corrections"}),
 }
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
@@ -316,6 +343,42 @@ class QuarantineRow:
     last_seen_at: datetime
     times_seen: int
     resolved_at: Optional[datetime]  # None while open
+
+
+@dataclass(frozen=True)
+class CorrectionSeen:
+    """A final run whose ElapsedRaw (``actual_s``) is below the ``billed_s`` seconds billed,
+    as a plan found it (corrections.Correction.stored). ``record``: corrections.record_json."""
+
+    run: str
+    job_id: str
+    allocations: tuple[str, ...]
+    skus: tuple[str, ...]
+    billed_s: int
+    actual_s: int
+    record: str
+
+
+@dataclass(frozen=True)
+class CorrectionRow:
+    """A correction as the state file holds it (status open, applied or dismissed)."""
+
+    run: str
+    job_id: str
+    allocations: tuple[str, ...]
+    skus: tuple[str, ...]
+    billed_s: int
+    actual_s: int
+    record: str
+    status: str
+    removed: str  # JSON: stretches an apply deleted on the API (corrections.stretches_json)
+    attempts: int
+    note: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+    times_seen: int
+    updated_at: datetime
+    resolved_at: Optional[datetime]
 
 
 def _check_side_file(side: Path, writer: bool) -> None:
@@ -745,9 +808,11 @@ class State:
         held: Collection[str] = (),
         quarantine: Sequence[QuarantineEntry] = (),
         resolved: Collection[str] = (),
+        corrections: Sequence[CorrectionSeen] = (),
+        final_seen: Optional[Mapping[str, int]] = None,
     ) -> int:
         """Store a plan in ONE transaction: new outbox rows, the runs' progress, quarantined
-        records and the high-water mark.
+        records, corrections (see ``_note_corrections``) and the high-water mark.
 
         Events whose key is in ``held`` are stored ``held`` (sent once released). Each
         ``quarantine`` entry is recorded or seen again (re-opened if it was resolved); open
@@ -834,6 +899,7 @@ class State:
                         now,
                     ),
                 )
+            self._note_corrections(cur, corrections, final_seen or {}, now)
             if mark is not None:
                 cur.execute(
                     """INSERT INTO meta (key, value) VALUES ('high_water_at', ?)
@@ -1193,6 +1259,184 @@ class State:
                     "UPDATE outbox SET status='dropped', last_error=?, updated_at=? "
                     "WHERE event_key=? AND status != 'dropped'",
                     (reason, _epoch(now_at), key),
+                )
+                count += cur.rowcount
+        return count
+
+    # ------------------------------------------------------------------ corrections
+    @staticmethod
+    def _note_corrections(
+        cur: sqlite3.Cursor,
+        corrections: Sequence[CorrectionSeen],
+        final_seen: Mapping[str, int],
+        now: int,
+    ) -> None:
+        """Inside commit_plan's transaction: record each correction found, or see it again.
+
+        A new one is open. An open one takes the latest numbers. An applied one opens again
+        (slurmdbd now says even less than it was corrected to); a dismissed one stays dismissed
+        unless slurmdbd's seconds changed. ``final_seen`` (run -> ElapsedRaw of runs whose
+        final record shows no over-billing): an open correction of such a run is out of date;
+        it is dismissed, unless an apply already deleted events of the run (``removed``): then
+        it takes the new seconds, and the next apply posts the deleted stretches up to them.
+        """
+        for seen in corrections:
+            row = cur.execute(
+                "SELECT status, actual_s FROM corrections WHERE run=?", (seen.run,)
+            ).fetchone()
+            values = (
+                seen.job_id,
+                json.dumps(list(seen.allocations)),
+                json.dumps(list(seen.skus)),
+                seen.billed_s,
+                seen.actual_s,
+                seen.record,
+            )
+            if row is None:
+                cur.execute(
+                    f"""INSERT INTO corrections ({_CORRECTION_COLUMNS})
+                        VALUES (?, ?, ?, ?, ?, ?, ?, 'open', '[]', 0, '', ?, ?, 1, ?, NULL)""",
+                    (seen.run, *values, now, now, now),
+                )
+                continue
+            status, actual_s = row
+            reopen = status == "applied" or (status == "dismissed" and actual_s != seen.actual_s)
+            cur.execute(
+                """UPDATE corrections SET job_id=?, allocations=?, skus=?, billed_s=?, actual_s=?,
+                   record=?, last_seen_at=?, times_seen=times_seen+1, updated_at=?"""
+                + (
+                    ", status='open', removed='[]', attempts=0, note='', resolved_at=NULL"
+                    if reopen
+                    else ""
+                )
+                + " WHERE run=?",
+                (*values, now, now, seen.run),
+            )
+        if not final_seen:
+            return
+        open_runs = [r for (r,) in cur.execute("SELECT run FROM corrections WHERE status='open'")]
+        for run in open_runs:
+            if run not in final_seen:
+                continue
+            elapsed = final_seen[run]
+            cur.execute(
+                """UPDATE corrections SET actual_s=?, last_seen_at=?, updated_at=?,
+                   status = CASE WHEN removed='[]' THEN 'dismissed' ELSE status END,
+                   resolved_at = CASE WHEN removed='[]' THEN ? ELSE resolved_at END,
+                   note = CASE WHEN removed='[]' THEN ? ELSE note END
+                   WHERE run=? AND status='open'""",
+                (
+                    elapsed,
+                    now,
+                    now,
+                    now,
+                    f"slurmdbd now says {elapsed} s, no less than what was billed: nothing to "
+                    "correct",
+                    run,
+                ),
+            )
+
+    def corrections(self, include_closed: bool = False) -> list[CorrectionRow]:
+        """Corrections, oldest first; only the open ones unless ``include_closed``."""
+        if self._schema < 3:  # a file of an older schema opened read-only: it has none
+            return []
+        sql = f"SELECT {_CORRECTION_COLUMNS} FROM corrections"
+        if not include_closed:
+            sql += " WHERE status='open'"
+        return [self._correction(r) for r in self._query(sql + " ORDER BY first_seen_at, run")]
+
+    def correction(self, run: str) -> Optional[CorrectionRow]:
+        if self._schema < 3:
+            return None
+        rows = self._query(f"SELECT {_CORRECTION_COLUMNS} FROM corrections WHERE run=?", (run,))
+        return self._correction(rows[0]) if rows else None
+
+    @staticmethod
+    def _correction(r: Sequence[Any]) -> CorrectionRow:
+        first, last, updated = _time(r[11]), _time(r[12]), _time(r[14])
+        assert first is not None and last is not None and updated is not None
+        return CorrectionRow(
+            run=r[0],
+            job_id=r[1],
+            allocations=tuple(json.loads(r[2])),
+            skus=tuple(json.loads(r[3])),
+            billed_s=r[4],
+            actual_s=r[5],
+            record=r[6],
+            status=r[7],
+            removed=r[8],
+            attempts=r[9],
+            note=r[10],
+            first_seen_at=first,
+            last_seen_at=last,
+            times_seen=r[13],
+            updated_at=updated,
+            resolved_at=_time(r[15]),
+        )
+
+    def correction_count(self) -> int:
+        """How many corrections are open."""
+        if self._schema < 3:
+            return 0
+        return int(self._query("SELECT count(*) FROM corrections WHERE status='open'")[0][0])
+
+    def correction_removing(self, run: str, removed: str, now_at: datetime) -> None:
+        """Before events of ``run`` are deleted on the API: what they bill (``removed``, JSON
+        stretches, with those of earlier attempts), so that an attempt that stops after the
+        deletion leaves the next one knowing what to post again."""
+        self._writable()
+        with self._tx(f"record the correction of run {run}") as cur:
+            cur.execute(
+                "UPDATE corrections SET removed=?, updated_at=? WHERE run=? AND status='open'",
+                (removed, _epoch(now_at), run),
+            )
+
+    def correction_failed(self, run: str, note: str, now_at: datetime) -> None:
+        """An attempt to apply the correction of ``run`` stopped (it stays open): why."""
+        self._writable()
+        with self._tx(f"record the correction of run {run}") as cur:
+            cur.execute(
+                "UPDATE corrections SET note=?, attempts=attempts+1, updated_at=? "
+                "WHERE run=? AND status='open'",
+                (note[:QUARANTINE_TEXT_MAX], _epoch(now_at), run),
+            )
+
+    def correction_applied(self, run: str, now_at: datetime) -> bool:
+        """The API's record of ``run`` is corrected: in ONE transaction, the run's progress is
+        set down to slurmdbd's seconds (the only place progress goes down) and the correction
+        is marked applied. False when it was not open."""
+        self._writable()
+        now = _epoch(now_at)
+        with self._tx(f"record the correction of run {run}") as cur:
+            row = cur.execute(
+                "SELECT actual_s FROM corrections WHERE run=? AND status='open'", (run,)
+            ).fetchone()
+            if row is None:
+                return False
+            cur.execute(
+                "UPDATE progress SET reported_s=min(reported_s, ?), updated_at=? WHERE run=?",
+                (row[0], now, run),
+            )
+            cur.execute(
+                "UPDATE corrections SET status='applied', note='', attempts=attempts+1, "
+                "resolved_at=?, updated_at=? WHERE run=?",
+                (now, now, run),
+            )
+        return True
+
+    def dismiss_corrections(self, runs: Sequence[str], note: str, now_at: datetime) -> int:
+        """Open corrections of ``runs`` to dismissed (the over-billing stays on the API, on
+        purpose). One whose apply already deleted events is not dismissed: the next apply must
+        post their valid part again. Returns how many were dismissed."""
+        self._writable()
+        now = _epoch(now_at)
+        count = 0
+        with self._tx("dismiss corrections") as cur:
+            for run in dict.fromkeys(runs):
+                cur.execute(
+                    "UPDATE corrections SET status='dismissed', note=?, resolved_at=?, "
+                    "updated_at=? WHERE run=? AND status='open' AND removed='[]'",
+                    (note[:QUARANTINE_TEXT_MAX], now, now, run),
                 )
                 count += cur.rowcount
         return count
