@@ -243,19 +243,7 @@ def apply_one(
             # their outbox rows: never sent again, not revived by `outbox retry --all`
             store.mark_deleted([e.key for e in doomed], DELETED_REASON, clock())
     if posts:
-        for post in posts:
-            log.info(
-                "posting event %s to allocation %s: %s %s",
-                post.event_key,
-                post.allocation,
-                post.quantity,
-                post.sku,
-            )
-        limit = config.limits.hold_above
-        held = frozenset(p.event_key for p in posts if limit and p.quantity > limit)
-        plan = pipeline.Plan(events=tuple(posts), skipped=(), rejected=(), held=held)
-        pipeline.commit(store, plan, clock(), None)
-        pipeline.deliver_outbox(store, client, clock, config.api.concurrency)
+        pipeline.post_through_outbox(config, store, client, posts, clock)
         keys = {p.event_key for p in posts}
         waiting = [r for r in store.outbox(UNSETTLED) if r.event_key in keys]
         if waiting:

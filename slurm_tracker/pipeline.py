@@ -843,6 +843,31 @@ def merge_plans(plans: Sequence[Plan]) -> Plan:
     )
 
 
+def post_through_outbox(
+    config: Config,
+    store: state.State,
+    client: api.AllocationsClient,
+    events: Sequence[PlannedEvent],
+    clock: Callable[[], datetime] = utc_now,
+) -> tuple[int, DeliveryReport]:
+    """Post repair or correction events the way a sync posts its own: committed to the
+    outbox first (events above limits.hold_above held), then delivered with the exactly-once
+    protocol. Each one is logged. Returns (events new to the outbox, the delivery report)."""
+    for event in events:
+        log.info(
+            "posting event %s to allocation %s: %s %s",
+            event.event_key,
+            event.allocation,
+            event.quantity,
+            event.sku,
+        )
+    limit = config.limits.hold_above
+    held = frozenset(e.event_key for e in events if limit and e.quantity > limit)
+    plan = Plan(events=tuple(events), skipped=(), rejected=(), held=held)
+    new = commit(store, plan, clock(), None)
+    return new, deliver_outbox(store, client, clock, config.api.concurrency)
+
+
 def mapped_allocations(config: Config) -> list[str]:
     accounts = config.accounts
     names = set(accounts.exact.values()) | {a for _, a in accounts.patterns}

@@ -575,20 +575,7 @@ def apply_repair(
     deleted = sum(client.delete_usage(a, ids) for a, ids in sorted(by_allocation.items()))
     if repair.dropped_keys:
         store.mark_deleted(sorted(repair.dropped_keys), DELETED_REASON, now_at)
-    for post in repair.posts:
-        log.info(
-            "posting event %s to allocation %s: %s %s",
-            post.event_key,
-            post.allocation,
-            post.quantity,
-            post.sku,
-        )
-    limit = config.limits.hold_above
-    held = frozenset(e.event_key for e in repair.posts if limit and e.quantity > limit)
-    new = pipeline.commit(
-        store, pipeline.Plan(events=repair.posts, skipped=(), rejected=(), held=held), now_at, None
-    )
-    delivery = pipeline.deliver_outbox(store, client, clock, config.api.concurrency)
+    new, delivery = pipeline.post_through_outbox(config, store, client, repair.posts, clock)
     keys = {e.event_key for e in repair.posts}
     undelivered = tuple(
         f"{row.event_key} ({row.status})"
