@@ -78,16 +78,97 @@ _T = TypeVar("_T")
 
 
 def load_api_key(key_file: Optional[Path], environ: Mapping[str, str]) -> str:
-    """The API key, from ``key_file`` or else ``$PW_API_KEY``.
+    """The API key: from ``key_file``, ``$CREDENTIALS_DIRECTORY/api-key`` or ``$PW_API_KEY``.
 
-    The key file must be a regular file (not a link) owned by the user running slurm-tracker,
-    neither readable nor writable by group or others, in a directory only that user or root
-    can change; else :class:`errors.UnsafeFile`. No message shows any of its content.
+    The first source that is configured wins; the others are not looked at:
+
+    1. ``key_file`` (``api.api_key_file``): a regular file (not a link) owned by the user running
+       slurm-tracker, neither readable nor writable by group or others, in a directory only that
+       user or root can change; else :class:`errors.UnsafeFile`.
+    2. ``$CREDENTIALS_DIRECTORY/api-key``, when that variable is set and the file exists: the
+       credential systemd hands over (``LoadCredential=api-key:...``). systemd makes it mode
+       0400, owned by root with an ACL that lets the service's user read it (``ls`` shows
+       0440, group root) or, on file systems without ACLs, owned by the service's user; its
+       directory is 0500 (0550 with the ACL), root's or the user's, on a read-only mount. So
+       the credential must be a regular file (not a link) owned by us or root, writable by
+       nobody else, readable by no other user (a group read bit only with group root), in a
+       directory only we or root can change; else :class:`errors.UnsafeFile`. A directory
+       without ``api-key`` falls through to the next source.
+    3. ``$PW_API_KEY``.
+
+    No message shows any of the key's content.
     """
+    credentials_env, credential_name = "CREDENTIALS_DIRECTORY", "api-key"
+    other_read, group_read = 0o004, 0o040
+    credentials_dir = environ.get(credentials_env, "")
+    credential = Path(credentials_dir) / credential_name if credentials_dir else None
+
+    def read_credential(path: Path) -> Optional[str]:
+        """The credential's stripped text, or None when there is no such file."""
+        what = "API key credential"
+        if not path.is_absolute():
+            raise errors.ConfigError(
+                f"${credentials_env}",
+                [
+                    f"${credentials_env} is not an absolute path: systemd sets it; "
+                    "do not set it by hand"
+                ],
+            )
+        files.check_directory(path.parent, f"{what} {path}")
+        try:
+            fd = files.open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK, what)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise errors.ConfigError(
+                str(path), [f"cannot read the {what} {path}: {exc.strerror or exc}"]
+            ) from exc
+        try:
+            info = files.check_open_file(fd, path, what, owned_by_us=False)
+            if info.st_mode & other_read or (info.st_mode & group_read and info.st_gid != 0):
+                raise errors.UnsafeFile(
+                    f"{what} {path} is readable by other users (mode "
+                    f"{info.st_mode & 0o7777:04o}, group {info.st_gid}): systemd's "
+                    "LoadCredential= makes it 0400; is the variable "
+                    f"${credentials_env} set by hand?"
+                )
+            data = os.read(fd, KEY_FILE_MAX_BYTES + 1)
+            while data and len(data) <= KEY_FILE_MAX_BYTES:
+                more = os.read(fd, KEY_FILE_MAX_BYTES + 1 - len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise errors.ConfigError(
+                str(path), [f"cannot read the {what} {path}: {exc.strerror or exc}"]
+            ) from exc
+        finally:
+            os.close(fd)
+        if len(data) > KEY_FILE_MAX_BYTES:
+            raise errors.ConfigError(
+                str(path),
+                [
+                    f"the {what} {path} is larger than {KEY_FILE_MAX_BYTES} bytes: it should "
+                    "hold only the key; does LoadCredential= name the right file?"
+                ],
+            )
+        try:
+            return data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            # not chained: the decode error holds the file's bytes
+            raise errors.ConfigError(str(path), [f"the {what} {path} is not UTF-8 text"]) from None
+
+    from_credential = None
+    if key_file is None and credential is not None:
+        from_credential = read_credential(credential)
     if key_file is not None:
         source = str(key_file)
         key = _read_key_file(key_file)
         where = f"the API key file {key_file}"
+    elif from_credential is not None:
+        source = str(credential)
+        key = from_credential
+        where = f"the API key credential {credential} (systemd LoadCredential=)"
     else:
         source = f"${API_KEY_ENV}"
         key = environ.get(API_KEY_ENV, "").strip()
@@ -96,7 +177,14 @@ def load_api_key(key_file: Optional[Path], environ: Mapping[str, str]) -> str:
                 "<environment>",
                 [
                     "no API key: set api.api_key_file in the configuration (a file of mode "
-                    f"0600 holding the key) or the environment variable {API_KEY_ENV}"
+                    "0600 holding the key), or run under systemd with "
+                    f"LoadCredential={credential_name}:/path/to/key"
+                    + (
+                        f" (${credentials_env} is set but has no {credential_name})"
+                        if credential is not None
+                        else ""
+                    )
+                    + f", or set the environment variable {API_KEY_ENV}"
                 ],
             )
         where = source

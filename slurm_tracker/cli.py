@@ -22,7 +22,18 @@ from typing import Any, Optional, TypeVar, cast
 import click
 from dateutil import parser as dateparser
 
-from slurm_tracker import __version__, api, correcting, ledger, pipeline, rating, replan, report
+from slurm_tracker import (
+    __version__,
+    api,
+    correcting,
+    health,
+    ledger,
+    metrics,
+    pipeline,
+    rating,
+    replan,
+    report,
+)
 from slurm_tracker import reconcile as reconciling
 from slurm_tracker.config import Config, load_config, parse_duration, resolve_config_path
 from slurm_tracker.errors import (
@@ -309,21 +320,92 @@ def sync(
         )
         _show_plan(plan, given.window, given.source, output, verbose)
         return
-    client = _client(config)
-    with StateLock(path) as lock:
-        lock.acquire(now_at)
-        with State.open(path) as store:
-            result = pipeline.sync_once(
-                config,
-                store,
-                client,
-                catalog,
-                pipeline.SyncRequest(
-                    now_at, sacct_file, _fields(sacct_fields), stdin, os.environ, take_over
-                ),
-            )
-            result = correcting.after_sync(config, store, client, catalog, result)
+    request = pipeline.SyncRequest(
+        now_at, sacct_file, _fields(sacct_fields), stdin, os.environ, take_over
+    )
+    result = _recorded_sync(config, path, catalog, request)
     _finish(result, output)
+
+
+def _recorded_sync(
+    config: Config,
+    path: Path,
+    catalog: Optional[rating.Catalog],
+    request: pipeline.SyncRequest,
+) -> pipeline.SyncResult:
+    """A live sync whose outcome is recorded whatever happens (see health.py): in the state
+    when it is open under our lock, else in ``<state>.last-failure``; the metrics file is
+    written after it whenever the state is open. The original error passes through unchanged.
+    """
+    started_at = pipeline.utc_now()
+    recorded = False
+    try:
+        client = _client(config)
+        with StateLock(path) as lock:
+            lock.acquire(request.now_at)
+            with State.open(path) as store:
+                try:
+                    result = pipeline.sync_once(config, store, client, catalog, request)
+                    result = correcting.after_sync(config, store, client, catalog, result)
+                except BaseException as exc:
+                    recorded = True
+                    _record_failure(store, path, started_at, exc)
+                    raise
+                finally:
+                    _write_metrics(config, store)
+    except BaseException as exc:
+        if not recorded:
+            _record_failure(None, path, started_at, exc)
+        raise
+    if result.outcome in health.SUCCESS_OUTCOMES:
+        health.clear_failure_trace(path)
+    return result
+
+
+def _record_failure(
+    store: Optional[State], path: Path, started_at: datetime, exc: BaseException
+) -> None:
+    """Record a failed sync (never raising, never changing ``exc``)."""
+    code, reason = failure_of(exc)
+    if code is None:
+        return
+    try:
+        health.record_failed_sync(store, path, started_at, code, reason)
+    except Exception as problem:  # recording must never mask the sync's own error
+        logging.getLogger("slurm_tracker").warning("could not record the failed sync: %s", problem)
+
+
+def failure_of(exc: BaseException) -> tuple[Optional[int], str]:
+    """The exit code handles_errors gives ``exc`` and its one-line reason; (None, "") for an
+    interruption that is no sync outcome (Ctrl-C, a click usage error)."""
+    if isinstance(exc, (KeyboardInterrupt, click.exceptions.ClickException)):
+        return None, ""
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+        return (code, "exited") if code else (None, "")
+    reason = _one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, (ConfigError, StateError, UnsafeFile)):
+        return EXIT_CONFIG, reason
+    if isinstance(exc, WriterConflict):
+        return EXIT_WRITER_CONFLICT, reason
+    if isinstance(exc, TemporaryFailure):
+        return EXIT_TEMPFAIL, reason
+    if isinstance(exc, InputError):
+        return EXIT_USAGE, reason
+    if isinstance(exc, OSError):
+        return (EXIT_TEMPFAIL if exc.errno in _TEMPORARY_ERRNOS else EXIT_FAILURE), reason
+    return EXIT_FAILURE, reason
+
+
+def _write_metrics(config: Config, store: Optional[State]) -> None:
+    """The metrics file after a sync, when configured and the state is open (best effort)."""
+    target = config.monitoring.metrics_file
+    if target is None or store is None:
+        return
+    try:
+        metrics.write_metrics(target, store, pipeline.utc_now())
+    except Exception as problem:  # never mask the sync's outcome
+        logging.getLogger("slurm_tracker").warning("could not write the metrics: %s", problem)
 
 
 def _finish(result: pipeline.SyncResult, output: str) -> None:
@@ -425,10 +507,35 @@ def backfill(
 @_config_option
 @_state_option
 @_output_option
+@click.option(
+    "--check",
+    "as_check",
+    is_flag=True,
+    help="Monitoring plugin (Nagios/Icinga): one line with perfdata; exit 0 OK, 1 WARNING, "
+    "2 CRITICAL, 3 UNKNOWN, by the thresholds of the config's `monitoring:` section.",
+)
 @click.option("--now", "now_at", metavar="RFC3339", callback=_parse_now, hidden=True)
 @_log_options
-@handles_errors
 def status(
+    config_path: Optional[str],
+    state_path: Optional[str],
+    output: str,
+    as_check: bool,
+    now_at: Optional[datetime],
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """High-water mark, outbox backlog, recent totals and the last sync's outcome.
+
+    With --check, the health of the agent as a monitoring plugin, e.g.
+    `slurm-tracker status --check` from Icinga or NRPE.
+    """
+    if as_check:
+        _status_check(config_path, state_path, output, now_at, verbose, quiet)
+    _status(config_path, state_path, output, now_at, verbose, quiet)
+
+
+def _status_check(
     config_path: Optional[str],
     state_path: Optional[str],
     output: str,
@@ -436,12 +543,41 @@ def status(
     verbose: int,
     quiet: bool,
 ) -> None:
-    """High-water mark, outbox backlog, recent totals and the last sync's outcome."""
+    """`status --check`: never a traceback, never an exit code outside 0-3."""
+    _setup_logging(verbose, quiet)
+    now_at = now_at or pipeline.utc_now()
+    try:
+        config = _load(config_path)
+        result = health.check_state_file(
+            _state_path(config, state_path), config.monitoring.thresholds, now_at
+        )
+    except Exception as exc:
+        _log_unexpected(exc)
+        result = health.unknown(f"{type(exc).__name__}: {exc}")
+    if output == "json":
+        click.echo(json.dumps({"check": result.json()}, indent=2))
+    else:
+        click.echo(result.line())
+    sys.exit(result.state)
+
+
+@handles_errors
+def _status(
+    config_path: Optional[str],
+    state_path: Optional[str],
+    output: str,
+    now_at: Optional[datetime],
+    verbose: int,
+    quiet: bool,
+) -> None:
     _setup_logging(verbose, quiet)
     config = _load(config_path)
     now_at = now_at or pipeline.utc_now()
-    with State.open(_state_path(config, state_path), readonly=True) as store:
+    path = _state_path(config, state_path)
+    with State.open(path, readonly=True) as store:
         info = report.status_info(store, now_at, config.limits.clock_skew_s)
+        info["syncs"] = health.json_times(health.sync_history(store, path))
+    info["check"] = health.check_state_file(path, config.monitoring.thresholds, now_at).json()
     if output == "json":
         click.echo(json.dumps(info, indent=2, default=str))
     else:

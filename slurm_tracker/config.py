@@ -128,6 +128,33 @@ class CorrectionsConfig:
     apply: bool = False
 
 
+#: Health-check thresholds (`monitoring:`): name -> (kind, default warning, default critical).
+#: A metric alerts when it EXCEEDS a threshold (Nagios range semantics: warning 0 on a count
+#: means any at all warns). Durations are seconds.
+MONITORING_THRESHOLDS: Mapping[str, tuple[str, int, int]] = {
+    "last_success_age": ("duration", 30 * 60, 2 * 3600),
+    "high_water_lag": ("duration", 3600, 3 * 3600),
+    "failed_syncs": ("count", 2, 5),
+    "dead_events": ("count", 0, 10),
+    "held_events": ("count", 0, 100),
+    "pending_events": ("count", 1000, 10000),
+    "oldest_pending_age": ("duration", 3600, 6 * 3600),
+    "quarantined": ("count", 0, 100),
+}
+
+
+def _default_thresholds() -> Mapping[str, tuple[int, int]]:
+    return {name: (warn, crit) for name, (_, warn, crit) in MONITORING_THRESHOLDS.items()}
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """`status --check` thresholds and the optional Prometheus textfile (health.py, metrics.py)."""
+
+    metrics_file: Optional[Path] = None
+    thresholds: Mapping[str, tuple[int, int]] = field(default_factory=_default_thresholds)
+
+
 @dataclass(frozen=True)
 class Config:
     cluster: str
@@ -143,6 +170,7 @@ class Config:
     source: str = "<config>"  # where it was read from, for messages
     limits: Limits = Limits()
     corrections: CorrectionsConfig = CorrectionsConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +196,7 @@ CONFIG_KEYS: Mapping[str, tuple[str, ...]] = {
         "catalog",
         "limits",
         "corrections",
+        "monitoring",
     ),
     "api": (
         "organization",
@@ -197,6 +226,7 @@ CONFIG_KEYS: Mapping[str, tuple[str, ...]] = {
     "metadata": ("fields",),
     "limits": ("max_cpus", "max_gpus", "max_nodes", "max_memory", "clock_skew", "hold_above"),
     "corrections": ("apply",),
+    "monitoring": ("metrics_file", *MONITORING_THRESHOLDS),
 }
 _CHARGE_KEYS = ("sku", "metric")
 
@@ -737,6 +767,7 @@ class _Reader:
         catalog = self.catalog(top.get("catalog"))
         limits = self.limits(top.get("limits"))
         corrections = self.corrections(top.get("corrections"))
+        monitoring = self.monitoring(top.get("monitoring"))
         if catalog_file is not None and catalog is not None:
             self.add(
                 ("catalog",),
@@ -759,6 +790,7 @@ class _Reader:
             source=source,
             limits=limits,
             corrections=corrections,
+            monitoring=monitoring,
         )
 
     def not_a_configuration(self, root: Node) -> None:
@@ -1620,6 +1652,42 @@ class _Reader:
             self.add((*path, "apply"), node, f"expected true or false; got {_kind(node)}")
             return CorrectionsConfig()
         return CorrectionsConfig(apply=bool(_construct(node)))
+
+    def monitoring(self, entry: Optional[_Entry]) -> MonitoringConfig:
+        """The monitoring section: the metrics file and warning/critical pairs."""
+        path: Where = ("monitoring",)
+        fields = self.fields(entry.value if entry else None, path, CONFIG_KEYS["monitoring"]) or {}
+        metrics_file = self.path_value(fields.get("metrics_file"), (*path, "metrics_file"))
+        thresholds = dict(_default_thresholds())
+        for name, (kind, _, _) in MONITORING_THRESHOLDS.items():
+            if name in fields:
+                pair = self.threshold_pair(fields[name], (*path, name), kind)
+                if pair is not None:
+                    thresholds[name] = pair
+        return MonitoringConfig(metrics_file=metrics_file, thresholds=thresholds)
+
+    def threshold_pair(self, entry: _Entry, path: Where, kind: str) -> Optional[tuple[int, int]]:
+        """``{warning: X, critical: Y}``: durations or counts, the critical not below the
+        warning."""
+        pair = self.fields(entry.value, path, ("warning", "critical"))
+        if pair is None:
+            return None
+        values: list[Optional[int]] = []
+        for key in ("warning", "critical"):
+            if key not in pair:
+                self.add(path, entry.value, f"{key}: required (a pair of warning and critical)")
+                return None
+            if kind == "duration":
+                values.append(self.duration(pair[key], (*path, key), 0))
+            else:
+                values.append(self.integer(pair[key], (*path, key), 0, None, -1))
+        warning, critical = values
+        if warning is None or critical is None or warning < 0 or critical < 0:
+            return None
+        if critical < warning:
+            self.add(path, entry.value, "critical must not be below warning")
+            return None
+        return warning, critical
 
 
 def _construct(node: Node) -> object:

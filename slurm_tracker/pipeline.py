@@ -746,9 +746,20 @@ def _deliver_and_finish(
             "dead": result.outbox.get("dead", 0),
             "skipped": len(plan.skipped),
             "rejected": len(plan.rejected),
+            "records": plan.records,
+            "held": result.outbox.get("held", 0),
+            **_failure_reason(result),
         },
     )
     return result
+
+
+def _failure_reason(result: SyncResult) -> dict[str, str]:
+    """The one-line reason of an unavailable or auth outcome, for the syncs table."""
+    reason = result.delivery.auth_error or (
+        result.delivery.unavailable if result.outcome == "unavailable" else ""
+    )
+    return {"reason": " ".join(str(reason).split())[:300]} if reason else {}
 
 
 def backfill_plan(

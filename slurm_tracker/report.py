@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any, Optional
 
 from slurm_tracker.events import rfc3339
+from slurm_tracker.health import age_text
 from slurm_tracker.models import METRIC_UNITS, PlannedEvent, Rejected
 from slurm_tracker.pipeline import Plan, SyncResult, Total, Window
 from slurm_tracker.rating import EffectiveRate, RateRule
@@ -154,6 +155,7 @@ def plan_text(
                 right=(3, 4, 5, 7),
             )
         )
+        out.append(_grand_total(totals))
     else:
         out.append("No usage to report.")
     if verbose and plan.events:
@@ -162,8 +164,10 @@ def plan_text(
             [
                 e.allocation,
                 e.sku,
-                str(e.metadata.get("jobId", "")),
-                e.user,
+                printable(str(e.metadata.get("jobId", "")), 40),
+                printable(str(e.metadata.get("account", "")), 40),
+                printable(str(e.metadata.get("partition", "")), 40),
+                printable(e.user, 40),
                 rfc3339(e.started_at),
                 rfc3339(e.ended_at),
                 _fmt(e.quantity),
@@ -178,6 +182,8 @@ def plan_text(
                     "ALLOCATION",
                     "SKU",
                     "JOB",
+                    "ACCOUNT",
+                    "PARTITION",
                     "USER",
                     "STARTED",
                     "ENDED",
@@ -186,7 +192,7 @@ def plan_text(
                     "EVENT KEY",
                 ],
                 rows,
-                right=(6, 7),
+                right=(8, 9),
             )
         )
     if plan.rating_problems:
@@ -222,6 +228,18 @@ def plan_text(
     if hidden:
         out.append(f"  ... {hidden} more lines: use -v or --output json")
     return "\n".join(out)
+
+
+def _grand_total(totals: Sequence[Total]) -> str:
+    """The line under the totals table: events in all, and USD where every event is rated in
+    USD (quantities of different measures are not added up)."""
+    events = sum(t.events for t in totals)
+    usd = [t.usd for t in totals if t.usd is not None]
+    line = f"total: {events} event{'s' if events != 1 else ''}"
+    if usd:
+        rated = sum(t.events for t in totals if t.usd is not None)
+        line += f"; USD {_fmt(sum(usd, Decimal(0)))} (for the {rated} events rated in USD)"
+    return line
 
 
 def _limit(items: Sequence[Any], verbose: bool) -> Sequence[Any]:
@@ -321,11 +339,7 @@ def status_text(info: dict[str, Any]) -> str:
     out = [
         f"state file      {info['stateFile']}",
         "high-water mark "
-        + (
-            f"{info['highWaterMark']} ({_age(age)} ago)"
-            if age is not None
-            else "none (no sync yet)"
-        ),
+        + (f"{info['highWaterMark']} ({age_text(age)} ago)" if age is not None else _no_mark(info)),
         "outbox          "
         + ", ".join(
             f"{n} {s}" for s, n in info["outbox"].items() if n or s in ("pending", "held", "dead")
@@ -349,12 +363,19 @@ def status_text(info: dict[str, Any]) -> str:
             "than was billed; see `slurm-tracker corrections list`"
         )
     last = info["lastSync"]
-    if last:
+    if last and last["outcome"] in ("ok", "undelivered"):
         out.append(
             f"last sync       {last['finishedAt']}: {last['outcome']} "
             f"({last.get('posted', 0)} posted, {last.get('pending', 0)} pending, "
             f"{last.get('dead', 0)} dead)"
         )
+    elif last:
+        out.append(
+            f"last sync       {last['finishedAt']}: {last['outcome']}"
+            + (f" (exit {last['exitCode']})" if "exitCode" in last else "")
+            + (f": {printable(str(last['reason']), 200)}" if last.get("reason") else "")
+        )
+    out += _health_lines(info)
     for title, key in (("last day", "reportedLastDay"), ("last 30 days", "reportedLast30Days")):
         rows = [
             [t["allocation"], t["sku"], str(t["events"]), f"{t['quantity']:.6f}"] for t in info[key]
@@ -368,14 +389,35 @@ def status_text(info: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _age(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 172800:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} days"
+def _no_mark(info: dict[str, Any]) -> str:
+    """Why there is no high-water mark: no sync at all, or none that read sacct live."""
+    syncs = info.get("syncs") or {}
+    if info["lastSync"] is None and not syncs.get("lastAttemptAt"):
+        return "none (no sync yet)"
+    if not syncs.get("lastSuccessAt"):
+        return "none (no sync has succeeded yet)"
+    return "none (no sync has read sacct live yet: only saved files)"
+
+
+def _health_lines(info: dict[str, Any]) -> list[str]:
+    """The last success, failures in a row (from `syncs`) and the check's verdict."""
+    out: list[str] = []
+    syncs = info.get("syncs") or {}
+    failure = syncs.get("lastFailure")
+    if syncs.get("failedSyncsInARow"):
+        out.append(
+            f"failed syncs    {syncs['failedSyncsInARow']} in a row; last success "
+            f"{syncs.get('lastSuccessAt') or 'never'}"
+        )
+        if failure and failure["at"] != (info["lastSync"] or {}).get("finishedAt"):
+            out.append(
+                f"last failure    {failure['at']}: exit {failure['exitCode']}: "
+                f"{printable(str(failure['reason']), 200)}"
+            )
+    check = info.get("check")
+    if check:
+        out.append(f"health          {check['state']} - {check['summary']}")
+    return out
 
 
 def outbox_json(row: OutboxRow) -> dict[str, Any]:

@@ -90,6 +90,13 @@ def new_usage(
                 "nothing new (usage is never taken back)",
                 record.run,
             )
+        if not record.final and record.elapsed_s > reported_s:
+            return Skipped(
+                record.job_id,
+                f"running: its last {record.elapsed_s - reported_s} s are held back for "
+                f"sacct.lag ({policy.holdback_s} s: slurmdbd may still be catching up)",
+                record.run,
+            )
         return Skipped(record.job_id, "no new usage since the last sync", record.run)
     fresh_s = billable_s - reported_s
     if not record.final and fresh_s < policy.reporting_interval_s:

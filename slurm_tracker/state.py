@@ -1441,6 +1441,71 @@ class State:
                 count += cur.rowcount
         return count
 
+    # ------------------------------------------------------------------ monitoring
+    def recent_syncs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The last ``limit`` recorded syncs, newest first (as last_sync gives one)."""
+        rows = self._query(
+            "SELECT started_at, finished_at, outcome, summary FROM syncs ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            {
+                "startedAt": _time(started),
+                "finishedAt": _time(finished),
+                "outcome": outcome,
+                "summary": json.loads(summary),
+            }
+            for started, finished, outcome, summary in rows
+        ]
+
+    def posted_totals(self) -> dict[tuple[str, str], tuple[int, Decimal]]:
+        """Cumulative (events, quantity) acknowledged per (allocation, SKU), as last folded by
+        fold_posted_totals: never lowered by pruning."""
+        text = self._meta(_POSTED_TOTALS)
+        data = json.loads(text) if text else {"totals": []}
+        return {(a, s): (int(n), Decimal(q)) for a, s, n, q in data["totals"]}
+
+    def fold_posted_totals(self) -> dict[tuple[str, str], tuple[int, Decimal]]:
+        """Add the events acknowledged since the last fold to the cumulative totals (meta), in
+        one transaction, and return them.
+
+        The fold remembers the latest acknowledgement time it counted and the keys acknowledged
+        in that second; acknowledged rows are pruned only after 30 days, long after the next
+        fold, so each acknowledgement is counted once and pruning never lowers a total.
+        """
+        self._writable()
+        with self._tx("count the posted events") as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key=?", (_POSTED_TOTALS,)).fetchone()
+            data = json.loads(row[0]) if row else {}
+            totals = {(a, s): (int(n), Decimal(q)) for a, s, n, q in data.get("totals", [])}
+            through = int(data.get("through", -1))
+            at_through = set(data.get("atThrough", []))
+            for key, allocation, sku, quantity, updated in cur.execute(
+                "SELECT event_key, allocation, sku, quantity, updated_at FROM outbox "
+                "WHERE status='acked' AND updated_at >= ? ORDER BY updated_at",
+                (through,),
+            ).fetchall():
+                if updated == through and key in at_through:
+                    continue
+                if updated > through:
+                    through, at_through = updated, set()
+                at_through.add(key)
+                n, q = totals.get((allocation, sku), (0, Decimal(0)))
+                totals[(allocation, sku)] = (n + 1, q + Decimal(quantity))
+            data = {
+                "totals": [[a, s, n, str(q)] for (a, s), (n, q) in sorted(totals.items())],
+                "through": through,
+                "atThrough": sorted(at_through),
+            }
+            cur.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_POSTED_TOTALS, json.dumps(data)),
+            )
+        return totals
+
+
+_POSTED_TOTALS = "posted_totals"  # meta: cumulative acknowledged events, for the metrics
+
 
 def _not_after_clock(at: datetime) -> datetime:
     """``at``, or the real clock when ``at`` is later (a typo, or a pinned ``--now``)."""

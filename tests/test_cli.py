@@ -495,3 +495,14 @@ def test_one_event_the_api_keeps_failing_on_blocks_no_other(site: Path, api: Api
     assert result.exit_code == 4
     summary = json.loads(result.stdout)
     assert (summary["posted"], summary["pending"]) == (5, 1)
+
+
+def test_dry_run_table_has_a_grand_total_and_verbose_names_account_and_partition(
+    site: Path,
+) -> None:
+    result = run(site, "sync", "--dry-run", "-v", "--sacct-file", str(site / "capture.txt"))
+    assert result.exit_code == 0, shown(result)
+    out = result.stdout
+    assert "total: 3 events; USD 0.100000 (for the 1 events rated in USD)" in out
+    assert re.search(r"ACCOUNT\s+PARTITION\s+USER", out)
+    assert re.search(r"chemistry-2026\s+SLURM_GPU_HOUR\s+12\s+chemistry\s+gpu\s+alice", out)

@@ -159,3 +159,18 @@ def test_the_last_seconds_of_running_runs_are_held_back() -> None:
     # a final run is billed in full: its ElapsedRaw is settled
     done = new_usage(record(elapsed_s=100, final=True), 40, policy)
     assert isinstance(done, list) and (done[0].from_s, done[-1].to_s) == (40, 100)
+
+
+def test_a_running_run_within_the_hold_back_says_so() -> None:
+    # A first-ever dry run used to say "no new usage since the last sync" for these.
+    policy = SegmentPolicy(reporting_interval_s=60, holdback_s=120)
+    young = new_usage(record(final=False, elapsed_s=90), 0, policy)
+    assert isinstance(young, Skipped)
+    assert young.reason == (
+        "running: its last 90 s are held back for sacct.lag (120 s: slurmdbd may still be "
+        "catching up)"
+    )
+    billed = new_usage(record(final=False, elapsed_s=1000), 880, policy)
+    assert isinstance(billed, Skipped) and "last 120 s are held back" in billed.reason
+    done = new_usage(record(final=True, elapsed_s=1000), 1000, policy)
+    assert isinstance(done, Skipped) and done.reason == "no new usage since the last sync"
