@@ -92,16 +92,10 @@ def handles_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, StateError, UnsafeFile) as exc:
-            _fail(str(exc), EXIT_CONFIG)
-        except WriterConflict as exc:
-            _fail(str(exc), EXIT_WRITER_CONFLICT)
-        except TemporaryFailure as exc:
-            _fail(f"{exc} (temporary: the next run will try again)", EXIT_TEMPFAIL)
-        except InputError as exc:
-            _fail(str(exc), EXIT_USAGE)
         except TrackerError as exc:
-            _fail(str(exc), EXIT_FAILURE)
+            code = _exit_code(exc)
+            temporary = " (temporary: the next run will try again)" if code == EXIT_TEMPFAIL else ""
+            _fail(f"{exc}{temporary}", code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except OSError as exc:
@@ -124,6 +118,19 @@ def handles_errors(func: F) -> F:
         return None
 
     return cast(F, wrapper)
+
+
+def _exit_code(exc: TrackerError) -> int:
+    """The documented exit code of a domain error (one table for messages and records)."""
+    if isinstance(exc, (ConfigError, StateError, UnsafeFile)):
+        return EXIT_CONFIG
+    if isinstance(exc, WriterConflict):
+        return EXIT_WRITER_CONFLICT
+    if isinstance(exc, TemporaryFailure):
+        return EXIT_TEMPFAIL
+    if isinstance(exc, InputError):
+        return EXIT_USAGE
+    return EXIT_FAILURE
 
 
 def _one_line(text: str) -> str:
@@ -384,14 +391,8 @@ def failure_of(exc: BaseException) -> tuple[Optional[int], str]:
         code = exc.code if isinstance(exc.code, int) else EXIT_FAILURE
         return (code, "exited") if code else (None, "")
     reason = _one_line(str(exc)) or type(exc).__name__
-    if isinstance(exc, (ConfigError, StateError, UnsafeFile)):
-        return EXIT_CONFIG, reason
-    if isinstance(exc, WriterConflict):
-        return EXIT_WRITER_CONFLICT, reason
-    if isinstance(exc, TemporaryFailure):
-        return EXIT_TEMPFAIL, reason
-    if isinstance(exc, InputError):
-        return EXIT_USAGE, reason
+    if isinstance(exc, TrackerError):
+        return _exit_code(exc), reason
     if isinstance(exc, OSError):
         return (EXIT_TEMPFAIL if exc.errno in _TEMPORARY_ERRNOS else EXIT_FAILURE), reason
     return EXIT_FAILURE, reason
@@ -899,16 +900,8 @@ def state_rebuild(
         with State.open(path) as store:
             floor = pipeline.billing_floor(store, config)
             since = start or (floor - timedelta(days=1) if floor else now_at - timedelta(days=30))
-            found = ledger.check(
-                store,
-                client,
-                pipeline.mapped_allocations(config),
-                config.cluster,
-                ledger.agent_id(path),
-                now_at=now_at,
-                learn_from=since,
-                take_over=take_over,
-                relearn=True,
+            found = pipeline.compare_with_api(
+                config, store, client, since, take_over=take_over, relearn=True
             )
     click.echo(
         f"{found.read} events of cluster {config.cluster} on the API ended since "

@@ -693,14 +693,11 @@ def sync_once(
     window = sync_window(request.now_at, check_mark(store, config), config.sacct, floor_at)
     given = gather(config, window, request.sacct_file, request.stdin, request.environ)
     agent = ledger.agent_id(store.path)
-    ledger.check(
+    compare_with_api(
+        config,
         store,
         client,
-        mapped_allocations(config),
-        config.cluster,
-        agent,
-        now_at=utc_now(),
-        learn_from=window.start_at - timedelta(seconds=ledger.LEARN_BEFORE_S),
+        window.start_at - timedelta(seconds=ledger.LEARN_BEFORE_S),
         take_over=request.take_over,
     )
     if given.window is not None and store.floor_at() is None:
@@ -809,14 +806,8 @@ def backfill(
     started_at = utc_now()
     agent = ledger.agent_id(store.path)
     if windows:
-        ledger.check(
-            store,
-            client,
-            mapped_allocations(config),
-            config.cluster,
-            agent,
-            now_at=started_at,
-            learn_from=windows[0].start_at - timedelta(seconds=ledger.LEARN_BEFORE_S),
+        compare_with_api(
+            config, store, client, windows[0].start_at - timedelta(seconds=ledger.LEARN_BEFORE_S)
         )
     for number, window in enumerate(windows):
         if number:
@@ -877,6 +868,29 @@ def post_through_outbox(
     plan = Plan(events=tuple(events), skipped=(), rejected=(), held=held)
     new = commit(store, plan, clock(), None)
     return new, deliver_outbox(store, client, clock, config.api.concurrency)
+
+
+def compare_with_api(
+    config: Config,
+    store: state.State,
+    client: api.AllocationsClient,
+    learn_from: datetime,
+    *,
+    take_over: bool = False,
+    relearn: bool = False,
+) -> ledger.Check:
+    """ledger.check for this agent (its state file), cluster and mapped allocations."""
+    return ledger.check(
+        store,
+        client,
+        mapped_allocations(config),
+        config.cluster,
+        ledger.agent_id(store.path),
+        now_at=utc_now(),
+        learn_from=learn_from,
+        take_over=take_over,
+        relearn=relearn,
+    )
 
 
 def mapped_allocations(config: Config) -> list[str]:
