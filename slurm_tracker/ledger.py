@@ -303,3 +303,84 @@ def check(
             store.path,
         )
     return Check(read=len(events), adopted=adopted, taken_over=tuple(others))
+
+
+# --- the older Go agent's events (slurm-tracker migrate, issue 13) ----------------------------
+
+#: The list filter that finds the Go agent's events (its metadata names the job ``jobId``; ours
+#: do too, and are told apart by their key).
+LEGACY_FILTER = "jobId"
+
+
+@dataclass(frozen=True)
+class LegacyEvent:
+    """An event of the older Go agent (parallelworks/slurm-tracker): core-hours of one job,
+    with metadata ``jobId`` (its JobIDRaw, a number), ``user``, ``partition``, ``cluster``,
+    ``account``, ``qos`` and no key of ours. It billed elapsed seconds
+    ``[startedAt - Start, endedAt - Start)`` of the run (it dated them so)."""
+
+    cost_id: str
+    allocation: str
+    cluster: str
+    job_id_raw: str
+    quantity: Decimal
+    started_at: Optional[datetime]
+    ended_at: Optional[datetime]
+    created_at: Optional[datetime]
+
+
+def legacy_event(
+    item: Mapping[str, Any], allocation: str, clusters: Sequence[str]
+) -> Optional[LegacyEvent]:
+    """The LegacyEvent of a list item, or None when it is not the Go agent's for ``clusters``
+    (ours carry ``eventKey`` and ``agent``; anything else is not recognised)."""
+    meta = item.get("metadata")
+    if not isinstance(meta, Mapping) or "eventKey" in meta or "agent" in meta:
+        return None
+    job = meta.get("jobId")
+    if isinstance(job, bool) or not isinstance(job, (int, str)):
+        return None
+    job_text = str(job)
+    if not job_text.isdigit() or job_text.startswith("0"):
+        return None
+    cluster = meta.get("cluster")
+    if not isinstance(cluster, str) or cluster not in clusters:
+        return None
+    try:
+        quantity = Decimal(str(item.get("quantity")))
+    except (InvalidOperation, ValueError):
+        return None
+    if not quantity.is_finite():
+        return None
+    return LegacyEvent(
+        cost_id=str(item.get("id") or ""),
+        allocation=allocation,
+        cluster=cluster,
+        job_id_raw=job_text,
+        quantity=quantity,
+        started_at=_time(item.get("startedAt")),
+        ended_at=_time(item.get("endedAt")),
+        created_at=_time(item.get("createdAt")),
+    )
+
+
+def legacy_events(
+    client: UsageLister,
+    allocations: Iterable[str],
+    clusters: Sequence[str],
+    *,
+    ended_from: Optional[datetime] = None,
+) -> list[LegacyEvent]:
+    """The Go agent's events of ``clusters`` on ``allocations`` (each once)."""
+    found: dict[tuple[str, str], LegacyEvent] = {}
+    unnamed: list[LegacyEvent] = []
+    for allocation in allocations:
+        for item in client.iter_usage(allocation, metadata=LEGACY_FILTER, ended_from=ended_from):
+            event = legacy_event(item, allocation, clusters)
+            if event is None:
+                continue
+            if event.cost_id:
+                found[(allocation, event.cost_id)] = event
+            else:
+                unnamed.append(event)
+    return [*found.values(), *unnamed]

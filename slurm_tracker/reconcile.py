@@ -36,8 +36,9 @@ from typing import Any, BinaryIO, Optional
 
 from slurm_tracker import api, ledger, pipeline, rating, report
 from slurm_tracker.config import Config
+from slurm_tracker.delivery import DeliveryReport
 from slurm_tracker.events import QUANTUM, plan, rfc3339
-from slurm_tracker.ledger import BilledEvent
+from slurm_tracker.ledger import BilledEvent, LegacyEvent
 from slurm_tracker.mapping import Target, map_record
 from slurm_tracker.models import JobRecord, PlannedEvent
 from slurm_tracker.plausibility import implausible
@@ -120,6 +121,7 @@ class Report:
     totals: tuple[Total, ...]
     fixes: tuple[Fix, ...]
     not_judged: tuple[tuple[str, str], ...] = ()  # (job id, why)
+    old_agent: int = 0  # events of the older Go agent counted as billing (migrate state)
 
     @property
     def discrepancies(self) -> int:
@@ -139,17 +141,20 @@ def reconcile(
     window: pipeline.Window,
     floor_at: Optional[datetime] = None,
     catalog: Optional[rating.Catalog] = None,
+    legacy: Iterable[LegacyEvent] = (),
 ) -> Report:
     """Compare ``records`` (sacct, for ``window``) with ``billed`` (the API); no I/O.
 
     ``agent``: our identity (ledger.agent_id); ``now_at``: the real clock, for the
     plausibility checks the billing path makes; ``floor_at``: the billing floor
     (pipeline.billing_floor): no usage before it is expected; ``catalog``: rate-rule changes
-    cut the stretches to post, as a sync cuts them.
+    cut the stretches to post, as a sync cuts them; ``legacy``: the older Go agent's events
+    (ledger.legacy_events), counted as billing the core-hours of the runs they belong to.
     """
     clusters = set(config.sacct.clusters or (config.cluster,))
     latest, _ = pipeline.latest_records(records)
     runs = {r.run.text: r for r in latest if r.cluster in clusters}
+    old_by_run = _legacy_by_run(runs.values(), legacy)
     ours = list({e.cost_id or id(e): e for e in billed if e.parts.cluster in clusters}.values())
     by_run: dict[str, list[BilledEvent]] = {}
     for event in ours:
@@ -170,6 +175,7 @@ def reconcile(
             continue
         judged += 1
         judge = _Judge(record, events, config, policy, floor_at, catalog, agent)
+        judge.add_legacy(old_by_run.get(text, []))
         findings += judge.findings()
         fixes += judge.fixes()
         for (allocation, sku), (expected, billed_q, count) in judge.totals().items():
@@ -199,7 +205,38 @@ def reconcile(
         totals=tuple(Total(a, s, r[0], r[1], r[2]) for (a, s), r in sorted(totals.items())),
         fixes=tuple(f for f in fixes if f.deletions or f.posts),
         not_judged=tuple(not_judged),
+        old_agent=sum(len(v) for v in old_by_run.values()),
     )
+
+
+def _legacy_by_run(
+    runs: Iterable[JobRecord], legacy: Iterable[LegacyEvent]
+) -> dict[str, list[LegacyEvent]]:
+    """The Go agent's events by the run they billed: the run of their cluster and JobIDRaw
+    that had started by their ``endedAt`` and not ended before it (the agent dated its events
+    ``Start + elapsed``, or End), and if several did (a requeued job), the one that had started
+    by their ``startedAt``. An event no run or several runs fit is left out."""
+    by_job: dict[tuple[str, str], list[JobRecord]] = {}
+    for record in runs:
+        by_job.setdefault((record.cluster, record.job_id_raw), []).append(record)
+    slack = timedelta(seconds=1)
+    found: dict[str, list[LegacyEvent]] = {}
+    for event in legacy:
+        begin, end = event.started_at, event.ended_at
+        if begin is None or end is None:
+            continue
+        fits = [
+            r
+            for r in by_job.get((event.cluster, event.job_id_raw), [])
+            if r.start_at is not None
+            and r.start_at <= end + slack
+            and (r.end_at is None or end <= r.end_at + slack)
+        ]
+        if len(fits) > 1:  # a requeued job's runs: the one the whole stretch lies in
+            fits = [r for r in fits if r.start_at is not None and r.start_at <= begin + slack]
+        if len(fits) == 1:
+            found.setdefault(fits[0].run.text, []).append(event)
+    return found
 
 
 def _not_judged(record: JobRecord, config: Config, now_at: datetime) -> str:
@@ -278,6 +315,17 @@ def _common(a: BilledEvent, b: BilledEvent) -> Optional[tuple[int, int]]:
     return (lo, hi) if lo < hi else None
 
 
+def _first_common(
+    event: BilledEvent, covers: Sequence[tuple[int, int]]
+) -> Optional[tuple[int, int]]:
+    """The first stretch of ``covers`` that ``event`` overlaps, cut to the common part."""
+    for a, b in covers:
+        lo, hi = max(a, event.parts.from_s), min(b, event.parts.to_s)
+        if lo < hi:
+            return lo, hi
+    return None
+
+
 def _dedupe_only(run: str, events: Sequence[BilledEvent]) -> list[Fix]:
     """Fixes for runs whose lost usage could not be posted again: extra copies of a key only."""
     fixes = []
@@ -318,6 +366,8 @@ class _Judge:
     ) -> None:
         self.record = record
         self.events = events
+        self.legacy: list[LegacyEvent] = []  # the Go agent's events of the run (add_legacy)
+        self.old: list[tuple[int, int]] = []  # the elapsed seconds they billed
         self.config = config
         self.catalog = catalog
         self.agent = agent
@@ -337,6 +387,28 @@ class _Judge:
             self.hi = policy.billable_s(record) if record.start_at is not None else 0
         else:  # running: what is billed so far; the tail is the next sync's
             self.hi = min(elapsed, max((e.parts.to_s for e in events), default=0))
+
+    def add_legacy(self, legacy: Sequence[LegacyEvent]) -> None:
+        """The Go agent's events of this run: the elapsed seconds they billed count as
+        covered for the run's core-hours SKUs (it billed core-hours only)."""
+        self.legacy = list(legacy)
+        self.old = []
+        start, elapsed = self.record.start_at, self.record.elapsed_s
+        if start is None:
+            return
+        for event in self.legacy:
+            if event.started_at is None or event.ended_at is None:
+                continue
+            a = max(0, int((event.started_at - start).total_seconds()))
+            b = min(elapsed, int((event.ended_at - start).total_seconds()))
+            if a < b:
+                self.old.append((a, b))
+        if self.old and not self.record.final:
+            self.hi = max(self.hi, min(elapsed, max(b for _, b in self.old)))
+
+    def _old_covers(self, sku: str) -> list[tuple[int, int]]:
+        charge = self.charges.get(sku)
+        return list(self.old) if charge and charge.metric == "cpu" else []
 
     def _posts(self, sku: str, stretches: Sequence[tuple[int, int]]) -> list[PlannedEvent]:
         """The events a sync would post for ``stretches`` of this run and SKU."""
@@ -369,10 +441,16 @@ class _Judge:
         out: list[Finding] = []
         for sku in sorted(self.charges):
             group = [e for e in self.events if e.parts.sku == sku]
-            for a, b in _gaps(self.lo, self.hi, ((e.parts.from_s, e.parts.to_s) for e in group)):
+            old = self._old_covers(sku)
+            covered = [(e.parts.from_s, e.parts.to_s) for e in group] + old
+            for a, b in _gaps(self.lo, self.hi, covered):
                 posts = self._posts(sku, [(a, b)])
                 if posts:
                     out.append(self._missing(sku, a, b, posts))
+            for event in sorted(group, key=_order):
+                hit = _first_common(event, old)
+                if hit is not None:
+                    out.append(self._over_old(event, hit))
         out += _duplicates(self.events, job)
         for sku in sorted({e.parts.sku for e in self.events}):
             firsts: dict[str, BilledEvent] = {}  # one copy per key: copies are duplicates
@@ -439,6 +517,21 @@ class _Judge:
             detail="two keys bill the same elapsed seconds",
         )
 
+    def _over_old(self, event: BilledEvent, common: tuple[int, int]) -> Finding:
+        a, b = common
+        share = Decimal(b - a) / Decimal(event.parts.to_s - event.parts.from_s)
+        return replace(
+            _finding(
+                "overlap",
+                event,
+                self.record.job_id,
+                "bills elapsed seconds the old Go agent already billed (before the cutover)",
+            ),
+            from_s=a,
+            to_s=b,
+            quantity=(event.quantity * share).quantize(QUANTUM),
+        )
+
     def _misrouted(self, event: BilledEvent) -> str:
         if self.target is None:
             return f"the mapping bills this run nowhere now: {self.unmapped}"
@@ -457,7 +550,15 @@ class _Judge:
                 fixes += _dedupe_only(self.record.run.text, group)
                 continue
             kept, deletions = _greedy(group, overlaps_too=True)
-            gaps = _gaps(self.lo, self.hi, ((e.parts.from_s, e.parts.to_s) for e in kept))
+            old = self._old_covers(sku)
+            for event in [e for e in kept if _first_common(e, old) is not None]:
+                kept.remove(event)  # it bills again what the old agent billed
+                a, b = _first_common(event, old) or (0, 0)
+                deletions.append(
+                    Deletion(event, f"overlaps the old Go agent's billing over {a}-{b} s")
+                )
+            covered = [(e.parts.from_s, e.parts.to_s) for e in kept] + old
+            gaps = _gaps(self.lo, self.hi, covered)
             posts = tuple(self._posts(sku, gaps))
             fixes.append(
                 Fix(
@@ -482,6 +583,21 @@ class _Judge:
             where = (event.allocation, event.parts.sku)
             expected, billed, count = sums.get(where, (Decimal(0), Decimal(0), 0))
             sums[where] = (expected, billed + event.quantity, count + 1)
+        cpu = sorted(s for s, c in self.charges.items() if c.metric == "cpu")
+        start = self.record.start_at
+        for old in self.legacy if cpu and start is not None else []:
+            assert start is not None
+            if old.started_at is None or old.ended_at is None:
+                continue
+            a = int((old.started_at - start).total_seconds())
+            b = int((old.ended_at - start).total_seconds())
+            lo, hi = max(a, self.lo), min(b, self.hi)
+            if b <= a or hi <= lo:
+                continue
+            share = (old.quantity * (hi - lo) / (b - a)).quantize(QUANTUM)
+            where = (old.allocation, cpu[0])
+            expected, billed, count = sums.get(where, (Decimal(0), Decimal(0), 0))
+            sums[where] = (expected, billed + share, count + 1)
         return sums
 
 
@@ -541,7 +657,7 @@ def plan_repair(report: Report, outbox: Mapping[str, str]) -> Repair:
 class Applied:
     deleted: int  # events the API says it deleted
     new: int  # events added to the outbox
-    delivery: pipeline.DeliveryReport
+    delivery: DeliveryReport
     undelivered: tuple[str, ...]  # keys of repair events not (yet) on the API, with status
 
 
@@ -656,8 +772,20 @@ def examine(
     window: pipeline.Window,
     catalog: Optional[rating.Catalog] = None,
 ) -> Report:
-    """Read the API's events for ``records`` and judge them (our agent: the state file's)."""
-    billed = read_billed(client, config, read_since(records, window))
+    """Read the API's events for ``records`` and judge them (our agent: the state file's).
+
+    A state file that took over from the older Go agent (``migrate state``) also reads that
+    agent's events, which cover the core-hours it billed before the cutover."""
+    since = read_since(records, window)
+    billed = read_billed(client, config, since)
+    legacy: list[LegacyEvent] = []
+    if store.migration() is not None:
+        legacy = ledger.legacy_events(
+            client,
+            pipeline.mapped_allocations(config),
+            config.sacct.clusters or (config.cluster,),
+            ended_from=since,
+        )
     return reconcile(
         records,
         billed,
@@ -667,6 +795,7 @@ def examine(
         window=window,
         floor_at=pipeline.billing_floor(store, config),
         catalog=catalog,
+        legacy=legacy,
     )
 
 
@@ -718,6 +847,7 @@ def as_json(
         "agent": result.agent,
         "runs": result.runs,
         "events": result.events,
+        "oldAgentEvents": result.old_agent,
         "discrepancies": result.discrepancies,
         "counts": counts,
         "findings": [_finding_json(f) for f in result.findings],
@@ -761,6 +891,11 @@ def as_text(
     lines = [
         f"reconcile {rfc3339(window.start_at)} .. {rfc3339(window.end_at)}: {result.runs} runs "
         f"judged, {result.events} events of this cluster read (this agent: {p(result.agent)})"
+        + (
+            f"; {result.old_agent} events of the old Go agent counted as billing"
+            if result.old_agent
+            else ""
+        )
     ]
     if result.findings:
         lines += ["", _findings_table(result.findings)]
