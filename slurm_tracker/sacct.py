@@ -216,3 +216,65 @@ def run_sacct(argv: Sequence[str], *, timeout_s: float, environ: Mapping[str, st
         raise _unavailable(command, what, stderr)
     logger.debug("sacct returned %d bytes", len(stdout))
     return stdout
+
+
+# --- the cost and utilisation report (slurm_tracker.costs): allocations AND their steps ------
+
+#: Fields of the report's query. Unlike the billing query it reads step records (no
+#: ``--allocations``): TotalCPU, MaxRSS, AveRSS, NTasks and the TRES usage of each step give
+#: the utilisation. No free text but JobName, asked for only when grouping by it, and last.
+REPORT_FIELDS = (
+    "Cluster",
+    "JobID",
+    "JobIDRaw",
+    "Account",
+    "Partition",
+    "User",
+    "Submit",
+    "Start",
+    "End",
+    "ElapsedRaw",
+    "State",
+    "AllocTRES",
+    "ReqTRES",
+    "ReqMem",
+    "NNodes",
+    "NodeList",
+    "NTasks",
+    "TotalCPU",
+    "MaxRSS",
+    "AveRSS",
+    "TRESUsageInAve",
+    "TRESUsageInMax",
+    "JobName",
+)  # free text (JobName) last
+
+
+def report_fields(with_job_name: bool) -> tuple[str, ...]:
+    """The fields of the report's query; JobName only when it is needed, and last."""
+    return REPORT_FIELDS if with_job_name else REPORT_FIELDS[:-1]
+
+
+def build_report_command(
+    sacct_path: str,
+    start_at: datetime,
+    end_at: datetime,
+    extra_args: Sequence[str] = (),
+    *,
+    delimiter: str,
+    fields: Sequence[str],
+    clusters: Sequence[str] = (),
+) -> list[str]:
+    """The argv of one report query: like :func:`build_command` (same delimiter, environment
+    and JobName rules), but with the step records of each allocation."""
+    argv = build_command(
+        sacct_path,
+        start_at,
+        end_at,
+        extra_args,
+        delimiter=delimiter,
+        fields=fields,
+        clusters=clusters,
+    )
+    argv.remove("--allocations")
+    return argv
