@@ -1,4 +1,5 @@
-"""The Allocations API client, and the exactly-once delivery of one usage event.
+"""The Allocations API client: the HTTP transport (the exactly-once protocol on top of it is
+:mod:`slurm_tracker.delivery`).
 
 The only module that imports ``requests`` and ``tenacity``. Every request is classified by what
 we know of its outcome (see DESIGN.md, "Exactly once over an API without idempotency"):
@@ -38,6 +39,7 @@ import http.client
 import json
 import logging
 import os
+import queue
 import re
 import ssl
 import threading
@@ -48,7 +50,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -434,6 +436,35 @@ class _Answer:
     encoding: Optional[str] = None
 
 
+class _RequestThreads:
+    """Daemon threads that run request exchanges, each reused for the next request once its
+    exchange has ended (starting a thread per request, and waiting for it to start, was a
+    fifth of the client's time per request). A thread is started only when none is idle, so
+    there are never more threads than the most exchanges in progress at once (at most the
+    client's request slots)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in a request thread; RuntimeError when no thread can be started."""
+        with self._lock:
+            reuse = self._idle > 0
+            if reuse:
+                self._idle -= 1
+        if not reuse:
+            threading.Thread(target=self._serve, name="slurm-tracker-request", daemon=True).start()
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get()()  # a job never raises (it hands its outcome to its caller)
+            with self._lock:
+                self._idle += 1
+
+
 class _Abandoned(Exception):
     """Raised in a request thread whose caller gave up waiting (past the deadline)."""
 
@@ -563,11 +594,6 @@ class RetryBudget:
         with self._lock:
             return self._spent_s
 
-    @property
-    def remaining_s(self) -> float:
-        with self._lock:
-            return max(0.0, self.total_s - self._spent_s)
-
     def spend(self, seconds: float) -> None:
         with self._lock:
             self._spent_s += max(0.0, seconds)
@@ -575,10 +601,6 @@ class RetryBudget:
     def allows(self, seconds: float) -> bool:
         with self._lock:
             return self._spent_s + seconds <= self.total_s
-
-    def reset(self) -> None:
-        with self._lock:
-            self._spent_s = 0.0
 
 
 class _RetryPlan:
@@ -621,6 +643,28 @@ class _RetryPlan:
             before_sleep=_log_retry,
             reraise=True,
         )
+
+
+def _session(base_url: str) -> requests.Session:
+    """A session for ``base_url`` that reads the environment's proxy and CA settings once.
+
+    requests reads them from ``os.environ`` for every request (``trust_env``), a quarter of
+    the client's CPU time per request: here they are read once, for the one host this client
+    talks to, and kept in the session (the same settings, as the environment does not change
+    while the process runs). The connection pool holds as many connections as requests may be
+    in flight, so none is opened and dropped again at each request.
+    """
+    session = requests.Session()
+    found = session.merge_environment_settings(base_url, {}, None, None, None)
+    session.proxies.update(found.get("proxies") or {})
+    session.verify = found.get("verify", True)
+    if found.get("cert") is not None:
+        session.cert = found["cert"]
+    session.trust_env = False
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_REQUEST_THREADS)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
@@ -677,9 +721,13 @@ class AllocationsClient:
         self.max_response_bytes = max(0, max_response_bytes)
         self.max_request_threads = max(1, max_request_threads)
         self._request_slots = threading.BoundedSemaphore(self.max_request_threads)
+        self._request_threads = _RequestThreads()
         self.max_attempts = max(1, max_attempts)
         self.budget = RetryBudget(max_retry_time_s)
-        self.session = session if session is not None else requests.Session()
+        self.session = session if session is not None else _session(self.base_url)
+        self._own_session = session is None  # made by _session: see _prepared
+        self._templates: dict[tuple[str, str, tuple[tuple[str, str], ...]], Any] = {}
+        self._templates_lock = threading.Lock()
         self.user_agent = user_agent
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -769,9 +817,9 @@ class AllocationsClient:
         it likes, in the headers as in the body. Only a caller that stops waiting bounds the
         whole exchange. The abandoned thread cannot be killed: it stops at its next body chunk,
         or when the server gives up or its socket times out, and closes its answer itself (in
-        :meth:`_exchange`). Request threads are daemons (they never hold the process at exit)
-        and each holds one of ``max_request_threads`` slots until it ends, so abandoned ones
-        cannot pile up.
+        :meth:`_exchange`). Request threads are daemons (they never hold the process at exit),
+        reused once their exchange has ended (:class:`_RequestThreads`), and each exchange holds
+        one of ``max_request_threads`` slots until it ends, so abandoned ones cannot pile up.
         """
         deadline_at = time.monotonic() + self.deadline_s
         if not self._request_slots.acquire(timeout=self.deadline_s):
@@ -795,7 +843,7 @@ class AllocationsClient:
                     log.debug("%s: the abandoned request ended: %s", what, outcome.get("error"))
 
         try:
-            threading.Thread(target=work, name="slurm-tracker-request", daemon=True).start()
+            self._request_threads.run(work)
         except RuntimeError as exc:  # no thread could be started: nothing was sent
             self._request_slots.release()
             raise NotSent(f"{what}: not sent: cannot start a request thread: {exc}") from exc
@@ -830,17 +878,25 @@ class AllocationsClient:
         The answer is always closed here: released to the pool when read to its end, else its
         connection is closed (the rest of an oversized or abandoned answer is never read).
         """
-        resp = self.session.request(
-            method,
-            self.base_url + path,
-            params=params,
-            data=data,
-            headers=headers,
-            auth=self._auth,
-            timeout=self.timeout,
-            allow_redirects=False,
-            stream=True,
-        )
+        if self._own_session and not params and not self.session.cookies:
+            resp = self.session.send(
+                self._prepared(method, path, data, headers),
+                timeout=self.timeout,
+                allow_redirects=False,
+                stream=True,
+            )
+        else:
+            resp = self.session.request(
+                method,
+                self.base_url + path,
+                params=params,
+                data=data,
+                headers=headers,
+                auth=self._auth,
+                timeout=self.timeout,
+                allow_redirects=False,
+                stream=True,
+            )
         try:
             body, complete = _read_bounded(resp, self.max_response_bytes, abandoned)
             return _Answer(
@@ -855,8 +911,35 @@ class AllocationsClient:
         finally:
             resp.close()
 
-    def _retried(self, operation: Callable[[], _T]) -> _T:
-        """Run ``operation`` with transient-failure retries (reads and idempotent writes)."""
+    def _prepared(
+        self, method: str, path: str, data: Optional[bytes], headers: Mapping[str, str]
+    ) -> requests.PreparedRequest:
+        """The request as ``Session.request`` would prepare it, from a template made once per
+        method, path and headers (URL, session headers, authorization): only the body is set
+        for each request. Preparing every request anew was a quarter of the client's time per
+        POST. Only for the client's own session (:func:`_session`, which reads no environment
+        per request) and requests without query parameters or cookies to send."""
+        key = (method, path, tuple(headers.items()))
+        with self._templates_lock:
+            template = self._templates.get(key)
+            if template is None:
+                request = requests.Request(
+                    method, self.base_url + path, headers=dict(headers), auth=self._auth
+                )
+                template = self.session.prepare_request(request)
+                if len(self._templates) < 256:  # one per allocation and method, in practice
+                    self._templates[key] = template
+        prepared: requests.PreparedRequest = template.copy()
+        prepared.prepare_body(data, None)
+        return prepared
+
+    def with_retries(self, operation: Callable[[], _T]) -> _T:
+        """Run ``operation`` again after each :class:`RequestFailed` it raises, with this
+        client's policy: at most ``max_attempts`` calls, full-jitter exponential backoff (or
+        the server's Retry-After) between them, all within the retry budget; the last failure
+        is raised. Anything else ``operation`` raises or returns ends it at once. For reads
+        and idempotent writes, and for the delivery protocol (which decides inside
+        ``operation`` whether to look an event up or to post it)."""
         for attempt in _RetryPlan(self).retrying():
             with attempt:
                 return operation()
@@ -875,14 +958,19 @@ class AllocationsClient:
     def find_usage(self, allocation: str, event_key: str) -> Optional[dict[str, Any]]:
         """The usage event (``RatedCostWithMetadata``) whose ``metadata.eventKey`` is exactly
         ``event_key``, or None. Transient failures are retried."""
-        return self._find_usage(allocation, event_key, retried=True)
+        return self._search_usage(allocation, event_key, retried=True)
 
-    def _find_usage(
+    def lookup_usage(self, allocation: str, event_key: str) -> Optional[dict[str, Any]]:
+        """Like :meth:`find_usage`, with ONE attempt per page: a transient failure raises
+        (:class:`RequestFailed`). For callers that retry the look-up together with what
+        follows it (``delivery.deliver`` retries look-up and POST as one step)."""
+        return self._search_usage(allocation, event_key, retried=False)
+
+    def _search_usage(
         self, allocation: str, event_key: str, *, retried: bool
     ) -> Optional[dict[str, Any]]:
         """The server's ``metadata`` search is a case-insensitive substring match: every hit is
-        checked for the exact key here. ``retried=False``: one attempt per page (``deliver``
-        retries the look-up and the POST together)."""
+        checked for the exact key here."""
         params = {"metadata": search_term(event_key)}
         for item in self._walk_usage(allocation, params, PAGE_SIZE, retried=retried):
             meta = item.get("metadata")
@@ -949,7 +1037,7 @@ class AllocationsClient:
             def get(params: Mapping[str, Any] = params) -> Any:
                 return self._request("GET", path, params=params)
 
-            data = self._retried(get) if retried else get()
+            data = self.with_retries(get) if retried else get()
             items = data.get("items") if isinstance(data, dict) else None
             if not isinstance(data, dict) or not isinstance(items, (list, type(None))):
                 raise OutcomeUnknown(f"GET {path}: the answer is not a page of usage events")
@@ -968,23 +1056,24 @@ class AllocationsClient:
 
     def get_allocation(self, name: str) -> dict[str, Any]:
         path = self._path("allocations", name)
-        return _expect(dict, self._retried(lambda: self._request("GET", path)), path)
+        return _expect(dict, self.with_retries(lambda: self._request("GET", path)), path)
 
     def list_units(self) -> list[dict[str, Any]]:
         path = self._path("units")
-        return _expect_list(self._retried(lambda: self._request("GET", path)), path)
+        return _expect_list(self.with_retries(lambda: self._request("GET", path)), path)
 
     def list_skus(self, unit: str, *, include_archived: bool = False) -> list[dict[str, Any]]:
         """The SKUs of a unit; archived (soft-deleted) ones too with ``include_archived``."""
         path = self._path("units", unit, "skus")
         params = {"includeArchived": "true"} if include_archived else None
-        return _expect_list(self._retried(lambda: self._request("GET", path, params=params)), path)
+        answer = self.with_retries(lambda: self._request("GET", path, params=params))
+        return _expect_list(answer, path)
 
     def list_sku_rules(self, unit: str, sku: str) -> list[dict[str, Any]]:
         """The rate history of a SKU; the contract names the path parameter "SKU ID": pass the
         SKU's ``id`` from :meth:`list_skus`."""
         path = self._path("units", unit, "skus", sku, "rules")
-        return _expect_list(self._retried(lambda: self._request("GET", path)), path)
+        return _expect_list(self.with_retries(lambda: self._request("GET", path)), path)
 
     def delete_usage(self, allocation: str, ids: Sequence[str]) -> int:
         """Delete usage events by the ``id`` of their list items (the rated cost ids, not
@@ -1005,7 +1094,7 @@ class AllocationsClient:
             def delete(body: Mapping[str, Any] = body) -> int:
                 return _deleted_count(self._request("DELETE", path, body=body), path)
 
-            deleted += self._retried(delete)
+            deleted += self.with_retries(delete)
         return deleted
 
 
@@ -1066,94 +1155,8 @@ def _utc_text(value: datetime, what: str = "") -> str:
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-# --- exactly-once delivery ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """How one event's delivery ended: ``acked`` (the API holds it) or ``dead`` (refused)."""
-
-    status: Literal["acked", "dead"]
-    event_id: Optional[str]
-    error: str = ""
-    attempts: int = 0  # POSTs made in this call
-    found_by_lookup: bool = False
-
-
-def deliver(
-    client: AllocationsClient,
-    allocation: str,
-    body: Mapping[str, Any],
-    event_key: str,
-    *,
-    outcome_unknown_before: bool,
-    before_attempt: Callable[[int], None],
-) -> Delivery:
-    """Post one event exactly once.
-
-    ``before_attempt(n)`` runs before the n-th POST (record "sending" there). When the previous
-    attempt's outcome is unknown (or ``outcome_unknown_before``), the key is looked up first
-    and a found event is acked without posting. Returns ``dead`` for a permanent refusal of
-    the event. Raises :class:`FatalApiError` (stop the sync, the event stays pending) and
-    :class:`DeliveryFailed` when attempts or the client's retry budget run out.
-    """
-    unknown = outcome_unknown_before
-    posts = 0
-    try:
-        for attempt in _RetryPlan(client).retrying():
-            with attempt:
-                if unknown:
-                    try:
-                        found = client._find_usage(allocation, event_key, retried=False)
-                    except FatalApiError:
-                        raise
-                    except errors.ApiError as exc:
-                        raise FatalApiError(
-                            exc.status,
-                            f"looking up event {event_key} (outcome of an earlier send unknown) "
-                            f"failed: {exc.message}",
-                            exc.code,
-                        ) from exc
-                    if found is not None:
-                        event_id = str(found.get("usageEventId") or found.get("id") or "")
-                        log.info(
-                            "event %s acked as %s (found by look-up after an unknown outcome)",
-                            event_key,
-                            event_id,
-                        )
-                        return Delivery("acked", event_id, attempts=posts, found_by_lookup=True)
-                posts += 1
-                before_attempt(posts)
-                log.debug("event %s: POST attempt %d to %s", event_key, posts, allocation)
-                try:
-                    created = client.post_usage(allocation, body)
-                except RequestFailed as exc:
-                    unknown = exc.outcome_unknown
-                    raise
-                except FatalApiError:
-                    raise
-                except errors.ApiError as exc:
-                    log.info("event %s dead-lettered: %s", event_key, exc)
-                    return Delivery("dead", None, error=str(exc), attempts=posts)
-                log.info("event %s acked as %s", event_key, created["id"])
-                return Delivery("acked", str(created["id"]), attempts=posts)
-    except RequestFailed as exc:
-        state = "may have been received" if unknown else "was not received"
-        raise DeliveryFailed(
-            f"could not deliver event {event_key} to allocation {allocation!r}: {exc} "
-            f"({posts} POST attempt{'s' if posts != 1 else ''}; the last one {state}; retry "
-            f"budget {client.budget.spent_s:.0f} of {client.budget.total_s:.0f} s used); it "
-            "stays pending and is sent again by the next sync",
-            event_key=event_key,
-            last_outcome_unknown=unknown,
-            attempts=posts,
-        ) from exc
-    raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
-
-
 __all__ = [
     "AllocationsClient",
-    "Delivery",
     "DeliveryFailed",
     "FatalApiError",
     "NotSent",
@@ -1161,7 +1164,6 @@ __all__ = [
     "RateLimited",
     "RequestFailed",
     "RetryBudget",
-    "deliver",
     "derive_base_url",
     "host_from_key",
     "is_loopback",

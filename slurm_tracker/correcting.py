@@ -4,7 +4,7 @@ For one open correction: the run's events are read back from the API (our key fo
 this run only, on the allocations the correction names and every mapped one), the fix is
 planned (corrections.plan_fix), the stretches about to be deleted are stored in the
 correction, the events beyond slurmdbd's seconds are deleted, their valid part is committed to
-the outbox and delivered with the exactly-once protocol (pipeline.commit, deliver_outbox),
+the outbox and delivered with the exactly-once protocol (pipeline.commit, delivery.deliver_outbox),
 and only once every new event is on the API is the run's progress set down to slurmdbd's
 seconds and the correction marked applied. Any step that fails leaves the correction open,
 with the reason; the next attempt starts from what the API then holds, so nothing is lost and

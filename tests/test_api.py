@@ -26,19 +26,18 @@ from hypothesis import strategies as st
 from slurm_tracker import __version__, api, config, errors
 from slurm_tracker.api import (
     AllocationsClient,
-    Delivery,
     DeliveryFailed,
     FatalApiError,
     NotSent,
     OutcomeUnknown,
     RateLimited,
-    deliver,
     derive_base_url,
     host_from_key,
     load_api_key,
     parse_retry_after,
     search_term,
 )
+from slurm_tracker.delivery import Delivery, deliver
 
 HOST = "api.example.test"
 BASE = f"https://{HOST}"
@@ -1011,6 +1010,54 @@ def test_rate_limit_spaces_requests(rsps: responses.RequestsMock) -> None:
     for _ in range(3):
         c.list_units()
     assert sleeps == [0.25, 0.25]
+
+
+def test_the_environment_proxy_and_ca_settings_are_read_once_and_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # requests would read os.environ at every request (trust_env); the client reads it once
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not read here")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.test:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    c = AllocationsClient(BASE, ORG, KEY)
+    assert c.session.trust_env is False
+    assert c.session.proxies.get("https") == "http://proxy.example.test:3128"
+    assert c.session.verify == str(bundle)
+    monkeypatch.setenv("NO_PROXY", HOST)  # the API's host bypasses the proxy
+    assert AllocationsClient(BASE, ORG, KEY).session.proxies == {}
+    adapter = c.session.get_adapter(BASE)
+    assert isinstance(adapter, requests.adapters.HTTPAdapter)
+    assert adapter._pool_maxsize >= api.MAX_REQUEST_THREADS  # no connection dropped when busy
+
+
+def test_a_cookie_set_by_the_server_is_sent_back(
+    rsps: responses.RequestsMock, rec: Recorder
+) -> None:
+    # requests prepared from a template (the client's own session) must not lose what
+    # Session.request would add: a load balancer's sticky-session cookie, for one
+    rsps.add(responses.POST, USAGE, json=CREATED, headers={"Set-Cookie": "lb=node-7; Path=/"})
+    rsps.add(responses.POST, USAGE, json=CREATED)
+    c = client(rec)
+    c.post_usage("physics", BODY)
+    c.post_usage("physics", BODY)
+    first, second = (call.request for call in rsps.calls)
+    assert "Cookie" not in first.headers
+    assert second.headers["Cookie"] == "lb=node-7"
+    assert second.headers["Authorization"] == first.headers["Authorization"]
+    assert second.body == first.body and second.headers["Content-Length"] == str(len(first.body))
+
+
+def test_request_threads_are_reused(rsps: responses.RequestsMock, rec: Recorder) -> None:
+    rsps.add(responses.GET, f"{BASE}/api/organizations/{ORG}/units", json=[])
+    c = client(rec)
+    before = {t.ident for t in threading.enumerate() if t.name == "slurm-tracker-request"}
+    for _ in range(5):
+        c.list_units()
+    after = {t.ident for t in threading.enumerate() if t.name == "slurm-tracker-request"}
+    assert len(after - before) == 1  # one after the other: one thread does them all
 
 
 # --- secrecy -----------------------------------------------------------------------------------

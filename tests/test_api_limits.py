@@ -23,7 +23,8 @@ import pytest
 import requests
 
 from slurm_tracker import api, errors
-from slurm_tracker.api import AllocationsClient, Delivery, NotSent, OutcomeUnknown, deliver
+from slurm_tracker.api import AllocationsClient, NotSent, OutcomeUnknown
+from slurm_tracker.delivery import Delivery, deliver
 
 ORG = "acme"
 USAGE_PATH = f"/api/organizations/{ORG}/allocations/physics/usage"

@@ -27,7 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
 
-from slurm_tracker.api import AllocationsClient, deliver
+from slurm_tracker.api import AllocationsClient
+from slurm_tracker.delivery import deliver
 from tests.conftest import need_shared
 from tests.emulator import DEFAULT_API_KEY, DEFAULT_ORGANIZATION, Emulator
 from tests.emulator import schemas as ours

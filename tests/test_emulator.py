@@ -20,14 +20,13 @@ import requests
 from slurm_tracker import errors
 from slurm_tracker.api import (
     AllocationsClient,
-    Delivery,
     DeliveryFailed,
     FatalApiError,
     NotSent,
     OutcomeUnknown,
     RateLimited,
-    deliver,
 )
+from slurm_tracker.delivery import Delivery, deliver
 from tests.emulator import (
     DEFAULT_API_KEY,
     DEFAULT_ORGANIZATION,

@@ -19,7 +19,7 @@ from click.testing import Result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slurm_tracker import api, events, ledger, pipeline, reconcile
+from slurm_tracker import api, delivery, events, ledger, pipeline, reconcile
 from slurm_tracker.cli import main
 from slurm_tracker.config import config_from_text
 from slurm_tracker.mapping import Target, map_record
@@ -526,7 +526,7 @@ class Site:
         with State.open(self.dir / "state.db") as store:
             plan = pipeline.Plan(events=tuple(planned), skipped=(), rejected=())
             pipeline.commit(store, plan, datetime.fromtimestamp(T + 7200, UTC), None)
-            delivered = pipeline.deliver_outbox(store, self.client, pipeline.utc_now)
+            delivered = delivery.deliver_outbox(store, self.client, pipeline.utc_now)
         assert delivered.acked == len(planned)
 
     def ours(self) -> list[Any]:

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -35,7 +36,7 @@ from hypothesis.stateful import (
 from slurm_tracker import pipeline
 from slurm_tracker.api import AllocationsClient
 from slurm_tracker.config import config_from_text
-from slurm_tracker.state import State
+from slurm_tracker.state import OutboxUpdate, State
 from tests.factories import live_capture
 
 BASE = "https://api.test"
@@ -209,13 +210,13 @@ class CrashingState(State):
         self._maybe("after-commit")
         return added
 
-    def mark_sending(self, key: str, now_at: datetime) -> None:
-        super().mark_sending(key, now_at)
-        self._maybe("before-post")
+    def mark_sending_many(self, keys: Sequence[str], now_at: datetime) -> None:
+        super().mark_sending_many(keys, now_at)
+        self._maybe("before-post")  # a batch is marked sending, none of it posted
 
-    def mark_acked(self, key: str, event_id: Optional[str], now_at: datetime) -> None:
-        self._maybe("after-post")  # the API has it, our state does not know yet
-        super().mark_acked(key, event_id, now_at)
+    def record_outcomes(self, updates: Sequence[OutboxUpdate], now_at: datetime) -> None:
+        self._maybe("after-post")  # the API has them (acked ones), our state does not know yet
+        super().record_outcomes(updates, now_at)
         self._maybe("after-ack")
 
 

@@ -172,7 +172,9 @@ def test_killed_syncs_neither_lose_nor_duplicate(
     first_key = held["body"]["metadata"]["eventKey"]
     statuses = {row["eventKey"]: row["status"] for row in agent.outbox()}
     assert statuses[first_key] == "sending"
-    assert len(statuses) >= 2 and set(statuses.values()) == {"sending", "pending"}
+    # the batch is marked sending in one commit before its first POST (delivery.py); rows of
+    # later batches, if any, are still pending: none is acked
+    assert len(statuses) >= 2 and {"sending"} <= set(statuses.values()) <= {"sending", "pending"}
     # The server finishes the request after its delay, although its client is gone (as a
     # real one would): wait for that, so that the look-up below cannot race with it.
     wait_for("the held POST to land", lambda: first_key in _accepted_keys(emulator))

@@ -2,7 +2,8 @@
 
 The first line on stdout is the base URL (``http://127.0.0.1:PORT``); it then serves until
 SIGTERM or SIGINT. The API key is ``$EMULATOR_API_KEY`` (default: ``DEFAULT_API_KEY``);
-``--catalog`` is a JSON file in the format of ``DEFAULT_CATALOG``.
+``--catalog`` is a JSON file in the format of ``DEFAULT_CATALOG``; ``--latency SECONDS`` delays
+every API answer (benchmarks).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--catalog", type=Path, help="a JSON catalog (default: a small one)")
     parser.add_argument("--organization", default=DEFAULT_ORGANIZATION)
     parser.add_argument("--max-page-size", type=int, default=DEFAULT_MAX_PAGE_SIZE)
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds added to every API answer"
+    )
     args = parser.parse_args(argv)
 
     catalog = json.loads(args.catalog.read_text(encoding="utf-8")) if args.catalog else None
@@ -44,6 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         port=args.port,
         state_file=args.state_file,
         max_page_size=args.max_page_size,
+        latency_s=args.latency,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -32,6 +32,10 @@ allocation with those list-item ids and answers ``{"deleted": n}`` (ids that exi
 ``DELETE .../usage/all`` deletes the allocation's events that the same filters select (all of
 them without filters) and answers the same way.
 
+``latency_s`` (``--latency`` of ``python -m tests.emulator``) delays every API answer by that
+many seconds after the request was processed, like a distant server (admin requests are not
+delayed); it adds to a ``slow`` fault's delay. Benchmarks use it.
+
 ``createdAt`` is the time of the POST on the emulator's wall clock: ``wall_clock`` (default:
 the real time), or a time pinned with :meth:`Emulator.set_now` or ``POST /_emulator/clock``.
 
@@ -558,8 +562,12 @@ class Emulator:
         max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _real_now,
+        latency_s: float = 0.0,
     ) -> None:
+        if not (latency_s >= 0 and math.isfinite(latency_s)):
+            raise ValueError(f"latency_s must be a finite number >= 0, got {latency_s!r}")
         self.catalog = Catalog.from_dict(catalog if catalog is not None else DEFAULT_CATALOG)
+        self.latency_s = float(latency_s)  # added to every API answer
         self.organization = organization
         self.api_key = api_key
         self.host = host
@@ -1196,8 +1204,9 @@ class _Handler(BaseHTTPRequestHandler):
             entry["status"] = "reset"
             self._reset()
             return
-        if outcome.delay_s:
-            emulator._stopping.wait(outcome.delay_s)
+        delay_s = outcome.delay_s + emulator.latency_s
+        if delay_s:
+            emulator._stopping.wait(delay_s)
         entry["status"] = outcome.status
         self._answer(outcome)
 
@@ -1330,8 +1339,10 @@ class EmulatorProcess:
         state_file: Optional[Path] = None,
         max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
         start_timeout_s: float = 20,
+        latency_s: float = 0.0,
     ) -> None:
         self.catalog = catalog
+        self.latency_s = latency_s
         self.organization = organization
         self.api_key = api_key
         self.state_file = state_file
@@ -1352,6 +1363,8 @@ class EmulatorProcess:
             self.organization,
             "--max-page-size",
             str(self.max_page_size),
+            "--latency",
+            repr(float(self.latency_s)),
         ]
         if self.state_file is not None:
             args += ["--state-file", str(self.state_file)]

@@ -1,0 +1,68 @@
+"""Smoke runs of the benchmarks: a few seconds each, so that they cannot rot. They check that
+a benchmark runs and prints its figures; they assert no timing (shared, noisy machines)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from slurm_tracker.api import AllocationsClient
+from tests.conftest import REPO
+from tests.emulator import DEFAULT_API_KEY, DEFAULT_ORGANIZATION, Emulator
+
+
+def test_the_delivery_benchmark_runs() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_delivery.py",
+            "--events",
+            "40",
+            "--latency",
+            "5",
+            "0",
+            "--concurrency",
+            "1",
+            "4",
+        ],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    header, *rows = done.stdout.strip().splitlines()
+    assert header.split()[:6] == ["latency", "conc", "events", "seconds", "events/s", "bound"]
+    assert len(rows) == 4
+    for row in rows:
+        fields = row.split()
+        assert fields[2] == "40"
+        assert float(fields[7]) < 1  # commits per event: batched, not 2 per event
+
+
+class Waits(threading.Event):
+    """The emulator's stop event, recording how long each answer was held (never waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.held.append(float(timeout or 0))
+        return False
+
+
+def test_the_emulator_delays_every_api_answer_by_its_latency() -> None:
+    with Emulator(latency_s=0.02) as emulator:
+        waits = Waits()
+        emulator._stopping = waits
+        client = AllocationsClient(emulator.base_url, DEFAULT_ORGANIZATION, DEFAULT_API_KEY)
+        client.list_units()
+        assert client.find_usage("physics", "st1:none") is None
+        assert waits.held == [0.02, 0.02]
+    with pytest.raises(ValueError, match="latency"):
+        Emulator(latency_s=-1)
