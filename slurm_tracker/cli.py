@@ -8,13 +8,14 @@ failure (cron: just try again).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional, TypeVar, cast
@@ -26,14 +27,18 @@ from slurm_tracker import (
     __version__,
     api,
     correcting,
+    delivery,
     health,
     ledger,
+    logs,
+    manual,
     metrics,
     pipeline,
     rating,
     replan,
     report,
 )
+from slurm_tracker import backfill as backfilling
 from slurm_tracker import reconcile as reconciling
 from slurm_tracker.config import Config, load_config, parse_duration, resolve_config_path
 from slurm_tracker.errors import (
@@ -60,19 +65,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = (
-        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    """Logging for this command: -v/-q, and --log-format/--syslog kept by _log_options."""
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    logs.setup(
+        verbose,
+        quiet,
+        log_format=meta.get("slurm_tracker.log_format"),
+        syslog=bool(meta.get("slurm_tracker.syslog")),
     )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("slurm-tracker: %(levelname)s: %(message)s"))
-    root = logging.getLogger("slurm_tracker")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"slurm-tracker: error: {message}", err=True)
+    logs.failure(message, code)
     sys.exit(code)
 
 
@@ -142,7 +147,31 @@ def _log_unexpected(exc: BaseException) -> None:
     logging.getLogger("slurm_tracker").debug("details", exc_info=exc)
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: object) -> object:
+    """Keep a logging option for _setup_logging (not passed to the command function)."""
+    ctx.meta[f"slurm_tracker.{param.name}"] = value
+    return value
+
+
 def _log_options(func: F) -> F:
+    """-v/-q, --log-format and --syslog (see logs.py)."""
+    func = click.option(
+        "--syslog",
+        is_flag=True,
+        expose_value=False,
+        callback=_remember,
+        help="Also log to the local syslog (INFO and up, whatever -q says), e.g. from cron. "
+        "Env: SLURM_TRACKER_SYSLOG=1.",
+    )(func)
+    func = click.option(
+        "--log-format",
+        type=click.Choice(logs.FORMATS),
+        default=None,
+        expose_value=False,
+        callback=_remember,
+        help="Log lines on stderr as text (default) or one JSON object per line. "
+        "Env: SLURM_TRACKER_LOG_FORMAT.",
+    )(func)
     func = click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")(func)
     return click.option(
         "-v",
@@ -165,8 +194,36 @@ _state_option = click.option(
     "--state", "state_path", metavar="PATH", help="State file (default: from the config)."
 )
 _output_option = click.option(
-    "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="For people (table) or programs (json).",
 )
+_rows_output_option = click.option(
+    "--output",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="For people (table) or programs (json; csv: one row per item, nested fields as "
+    "dotted columns).",
+)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(value)
+
+
+def _emit(output: str, data: Any, text: Callable[[], str]) -> None:
+    """Print ``data`` as JSON or CSV (a list: one row per item), else ``text()``."""
+    if output == "json":
+        click.echo(json.dumps(data, indent=2, default=_jsonable))
+    elif output == "csv":
+        click.echo(report.csv_text(data if isinstance(data, list) else [data]), nl=False)
+    else:
+        click.echo(text())
 
 
 def _parse_now(
@@ -196,6 +253,8 @@ def main() -> None:
 
     Run `slurm-tracker sync` from cron or a systemd timer every few minutes;
     `slurm-tracker sync --dry-run` shows what would be sent, without sending or writing anything.
+    `slurm-tracker help` prints the whole manual (`help --man`: as a man page). Shell completion:
+    see the README, section "Shell completion".
     """
 
 
@@ -246,7 +305,7 @@ def _input_options(func: F) -> F:
             callback=_parse_now,
             help="Pin the clock (tests, replays).",
         ),
-        _output_option,
+        _rows_output_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -257,10 +316,12 @@ def _show_plan(
     plan: pipeline.Plan, window: Optional[pipeline.Window], source: str, output: str, verbose: int
 ) -> None:
     totals = pipeline.totals(plan.events)
-    if output == "json":
-        click.echo(json.dumps(report.plan_json(plan, totals, window), indent=2))
-    else:
-        click.echo(report.plan_text(plan, totals, window, source=source, verbose=verbose > 0))
+    doc = report.plan_json(plan, totals, window)
+    _emit(
+        output,
+        doc["events"] if output == "csv" else doc,
+        lambda: report.plan_text(plan, totals, window, source=source, verbose=verbose > 0),
+    )
 
 
 @main.command()
@@ -291,6 +352,15 @@ def sync(
 
     Run it from cron or a systemd timer every few minutes. With --dry-run it shows what
     would be posted and what it costs, from the state as it is, and changes nothing.
+    Exit 0 when everything was delivered, 4 when events wait (pending, held or dead), 75 when
+    sacct or the API is unavailable (the next run goes on), 3 for a config or state problem.
+
+    \b
+    Examples:
+      slurm-tracker sync --dry-run
+      slurm-tracker sync --dry-run -v --output csv > next-sync.csv
+      slurm-tracker sync -q --syslog
+      slurm-tracker sync --dry-run --sacct-file capture.txt --now 2026-11-30T12:00:00Z
     """
     _setup_logging(verbose, quiet)
     if now_at is not None and not (dry_run or sacct_file):
@@ -330,54 +400,62 @@ def sync(
     request = pipeline.SyncRequest(
         now_at, sacct_file, _fields(sacct_fields), stdin, os.environ, take_over
     )
-    result = _recorded_sync(config, path, catalog, request)
-    _finish(result, output)
+
+    def work(store: State, client: api.AllocationsClient) -> pipeline.SyncResult:
+        result = pipeline.sync_once(config, store, client, catalog, request)
+        return correcting.after_sync(config, store, client, catalog, result)
+
+    _finish(_recorded_sync(config, path, "sync", work, now_at), output)
 
 
 def _recorded_sync(
     config: Config,
     path: Path,
-    catalog: Optional[rating.Catalog],
-    request: pipeline.SyncRequest,
+    kind: str,
+    work: Callable[[State, api.AllocationsClient], pipeline.SyncResult],
+    lock_at: datetime,
 ) -> pipeline.SyncResult:
-    """A live sync whose outcome is recorded whatever happens (see health.py): in the state
-    when it is open under our lock, else in ``<state>.last-failure``; the metrics file is
-    written after it whenever the state is open. The original error passes through unchanged.
+    """A live sync (or backfill: ``kind``) whose outcome is recorded whatever happens (see
+    health.py): in the state when it is open under our lock, else, for a sync, in
+    ``<state>.last-failure``; the metrics file is written after it whenever the state is open;
+    one summary line is logged. The original error passes through unchanged.
     """
     started_at = pipeline.utc_now()
     recorded = False
     try:
         client = _client(config)
         with StateLock(path) as lock:
-            lock.acquire(request.now_at)
+            lock.acquire(lock_at)
             with State.open(path) as store:
                 try:
-                    result = pipeline.sync_once(config, store, client, catalog, request)
-                    result = correcting.after_sync(config, store, client, catalog, result)
+                    result = work(store, client)
                 except BaseException as exc:
                     recorded = True
-                    _record_failure(store, path, started_at, exc)
+                    _record_failure(store, path, started_at, exc, kind)
                     raise
                 finally:
                     _write_metrics(config, store)
     except BaseException as exc:
         if not recorded:
-            _record_failure(None, path, started_at, exc)
+            _record_failure(None, path, started_at, exc, kind)
         raise
-    if result.outcome in health.SUCCESS_OUTCOMES:
+    if result.outcome in health.SUCCESS_OUTCOMES and kind == "sync":
         health.clear_failure_trace(path)
+    logs.summary(
+        *report.sync_summary(result, kind, (pipeline.utc_now() - started_at).total_seconds())
+    )
     return result
 
 
 def _record_failure(
-    store: Optional[State], path: Path, started_at: datetime, exc: BaseException
+    store: Optional[State], path: Path, started_at: datetime, exc: BaseException, kind: str
 ) -> None:
-    """Record a failed sync (never raising, never changing ``exc``)."""
+    """Record a failed sync or backfill (never raising, never changing ``exc``)."""
     code, reason = failure_of(exc)
     if code is None:
         return
     try:
-        health.record_failed_sync(store, path, started_at, code, reason)
+        health.record_failed_sync(store, path, started_at, code, reason, kind)
     except Exception as problem:  # recording must never mask the sync's own error
         logging.getLogger("slurm_tracker").warning("could not record the failed sync: %s", problem)
 
@@ -411,10 +489,7 @@ def _write_metrics(config: Config, store: Optional[State]) -> None:
 
 def _finish(result: pipeline.SyncResult, output: str) -> None:
     """Print a sync's summary and exit with the code its outcome calls for."""
-    if output == "json":
-        click.echo(json.dumps(report.sync_json(result), indent=2))
-    else:
-        click.echo(report.sync_text(result))
+    _emit(output, report.sync_json(result), lambda: report.sync_text(result))
     code = {
         "ok": EXIT_OK,
         "undelivered": EXIT_UNDELIVERED,
@@ -445,10 +520,9 @@ def _finish(result: pipeline.SyncResult, output: str) -> None:
 @click.option(
     "--end",
     "end",
-    required=True,
     metavar="DATE",
     callback=_parse_now,
-    help="End (exclusive) of the period, UTC.",
+    help="End (exclusive) of the period, UTC (default and latest: now minus sacct.lag).",
 )
 @click.option(
     "--chunk",
@@ -457,16 +531,23 @@ def _finish(result: pipeline.SyncResult, output: str) -> None:
     help="One sacct call per chunk (default: sacct.backfill_chunk, 1d).",
 )
 @click.option("--dry-run", is_flag=True, help="Plan and show; write no state, send nothing.")
+@click.option(
+    "--sacct-file",
+    metavar="PATH",
+    help="Plan a saved sacct capture of the period ('-' for stdin; its runs that ran in "
+    "[START, END)) instead of running sacct, e.g. with --dry-run on a machine without Slurm.",
+)
 @_state_option
-@_output_option
+@_rows_output_option
 @_log_options
 @handles_errors
 def backfill(
     config_path: Optional[str],
     start: datetime,
-    end: datetime,
+    end: Optional[datetime],
     chunk: Optional[str],
     dry_run: bool,
+    sacct_file: Optional[str],
     state_path: Optional[str],
     output: str,
     verbose: int,
@@ -475,33 +556,89 @@ def backfill(
     """Load history: one sacct call per chunk of [START, END), with a pause between chunks.
 
     Usage already reported (by syncs or an earlier backfill) is not reported again; the
-    high-water mark of the regular sync is left alone.
+    high-water mark of the regular sync is left alone. Each chunk is committed and delivered
+    before the next is read, with a progress bar on a terminal (else one line per chunk with
+    an ETA). A backfill that was killed or stopped goes on from its next unfinished chunk when
+    run again with the same --start and --chunk.
+
+    \b
+    Examples:
+      slurm-tracker backfill --start 2026-01-01 --dry-run
+      slurm-tracker backfill --start 2026-01-01 --end 2026-07-01 --chunk 12h
+      slurm-tracker backfill --start 2026-01-01 --end 2026-02-01 --dry-run --sacct-file jan.txt
     """
     _setup_logging(verbose, quiet)
     config = _load(config_path)
+    now_at = pipeline.utc_now()
+    latest = backfilling.capped_end(now_at, now_at, config.sacct.lag_s)
+    if end is None or (end > latest and sacct_file is None):
+        if end is not None:
+            logging.getLogger("slurm_tracker").warning(
+                "--end capped at now minus sacct.lag, %s: slurmdbd may not have the rest yet, "
+                "and the regular sync bills it",
+                f"{latest:%Y-%m-%dT%H:%M:%SZ}",
+            )
+        end = latest
     if end <= start:
-        raise click.BadParameter("--end must be after --start", param_hint="--end")
+        raise click.BadParameter(
+            f"--end must be after --start (the period ends {end:%Y-%m-%dT%H:%M:%SZ})",
+            param_hint="--end",
+        )
     try:
         chunk_s = parse_duration(chunk) if chunk else config.sacct.backfill_chunk_s
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--chunk") from exc
     catalog = pipeline.load_catalog(config)
     path = _state_path(config, state_path)
-    windows = pipeline.chunks(start, end, chunk_s)
+    period = backfilling.Period(start, end, chunk_s)
+    saved = None
+    if sacct_file is not None:
+        source = "stdin" if sacct_file == "-" else sacct_file
+        saved = pipeline.Input(pipeline.read_saved(sacct_file, sys.stdin.buffer), source, None)
+    chunks = 1 if saved else len(period.windows())
     if dry_run:
-        with State.open(path, readonly=True) as store:
-            plan = pipeline.backfill_plan(config, store, catalog, windows, os.environ)
-        _show_plan(
-            plan, pipeline.Window(start, end), f"sacct ({config.sacct.path})", output, verbose
-        )
+        with State.open(path, readonly=True) as store, _progress(chunks, quiet) as shown:
+            plan = backfilling.preview(
+                config, store, catalog, period, os.environ, saved=saved, progress=shown
+            )
+        source = saved.source if saved else f"sacct ({config.sacct.path})"
+        _show_plan(plan, pipeline.Window(start, end), source, output, verbose)
         return
-    client = _client(config)
-    now_at = pipeline.utc_now()
-    with StateLock(path) as lock:
-        lock.acquire(now_at)
-        with State.open(path) as store:
-            result = pipeline.backfill(config, store, client, catalog, windows, os.environ)
-    _finish(result, output)
+
+    def work(store: State, client: api.AllocationsClient) -> pipeline.SyncResult:
+        with _progress(chunks, quiet) as shown:
+            return backfilling.run(
+                config, store, client, catalog, period, os.environ, saved=saved, progress=shown
+            )
+
+    _finish(_recorded_sync(config, path, "backfill", work, now_at), output)
+
+
+@contextlib.contextmanager
+def _progress(total: int, quiet: bool) -> Iterator[backfilling.Progress]:
+    """Backfill progress on stderr: a bar on a terminal, else one line per chunk with an ETA
+    (also logged at INFO); nothing with -q."""
+    eta = backfilling.Eta()
+    log = logging.getLogger("slurm_tracker.backfill")
+    if quiet or not sys.stderr.isatty():
+
+        def show_line(chunk: backfilling.Chunk) -> None:
+            line = eta.line(chunk)
+            log.info("%s", line)
+            if not quiet:
+                click.echo(line, err=True)
+
+        yield show_line
+        return
+    with click.progressbar(
+        length=total, label="backfill", file=sys.stderr, show_pos=True, show_eta=True
+    ) as bar:
+
+        def show_bar(chunk: backfilling.Chunk) -> None:
+            log.info("%s", eta.line(chunk))
+            bar.update(1)
+
+        yield show_bar
 
 
 @main.command()
@@ -530,6 +667,12 @@ def status(
 
     With --check, the health of the agent as a monitoring plugin, e.g.
     `slurm-tracker status --check` from Icinga or NRPE.
+
+    \b
+    Examples:
+      slurm-tracker status
+      slurm-tracker status --output json
+      slurm-tracker status --check
     """
     if as_check:
         _status_check(config_path, state_path, output, now_at, verbose, quiet)
@@ -589,54 +732,126 @@ def _status(
 @_config_option
 @_state_option
 @click.option("--online", is_flag=True, help="Also check the API key, allocations and SKUs.")
+@_output_option
 @_log_options
 @handles_errors
 def check(
-    config_path: Optional[str], state_path: Optional[str], online: bool, verbose: int, quiet: bool
+    config_path: Optional[str],
+    state_path: Optional[str],
+    online: bool,
+    output: str,
+    verbose: int,
+    quiet: bool,
 ) -> None:
-    """Validate the configuration, the catalog and the state file (and the API with --online)."""
+    """Validate the configuration, the catalog and the state file (and the API with --online).
+
+    Exit 0 when all is well, 3 when something must be fixed (each problem is listed; a bad
+    config lists every problem with its line).
+
+    \b
+    Examples:
+      slurm-tracker check
+      slurm-tracker check --online --config /etc/slurm-tracker/config.yaml
+      slurm-tracker check --output json
+    """
     _setup_logging(verbose, quiet)
     config = _load(config_path)
-    click.echo(f"config      {config.source}: valid")
+    found: list[dict[str, str]] = [
+        {"kind": "config", "status": "valid", "message": f"{config.source}: valid"}
+    ]
     catalog = pipeline.load_catalog(config)
     if catalog is not None:
-        click.echo(f"catalog     {len(catalog.skus)} SKUs in {len(catalog.units)} units: valid")
-        for warning in pipeline.catalog_warnings(config, catalog):
-            click.echo(f"warning     {warning}")
+        found.append(
+            {
+                "kind": "catalog",
+                "status": "valid",
+                "message": f"{len(catalog.skus)} SKUs in {len(catalog.units)} units: valid",
+            }
+        )
+        found += [
+            {"kind": "catalog", "status": "warning", "message": w}
+            for w in pipeline.catalog_warnings(config, catalog)
+        ]
     path = _state_path(config, state_path)
-    state_problems: list[str] = []
-    if path.exists():
-        with State.open(path, readonly=True) as store:
-            state_problems = store.integrity_problems()
-            counts = store.counts()
-            mark = store.high_water_at()
-            quarantined = store.quarantine_count()
-        if state_problems:
-            for problem in state_problems:
-                click.echo(f"problem     state file {path}: {problem}")
-        else:
-            click.echo(
-                f"state file  {path}: intact ({counts['pending']} pending, {counts['held']} "
-                f"held, {counts['dead']} dead; {quarantined} quarantined records)"
-            )
-        skew = config.limits.clock_skew_s
-        if mark is not None and mark > pipeline.utc_now() + timedelta(seconds=skew):
-            state_problems.append("high-water mark in the future")
-            click.echo(
-                f"problem     high-water mark {mark:%Y-%m-%dT%H:%M:%SZ} is in the future: syncs "
-                "would bill nothing; fix the clock, then `slurm-tracker state set-mark TIME`"
-            )
-    else:
-        click.echo(f"state file  {path}: not created yet (the first sync creates it)")
+    found += _check_state(config, path)
     if online:
         problems = pipeline.check_online(config, _client(config))
-        for problem in problems:
-            click.echo(f"problem     {problem}")
-        if problems:
-            sys.exit(EXIT_CONFIG)
-        click.echo("api         key accepted; every mapped allocation and SKU exists")
-    if state_problems:
+        found += [{"kind": "api", "status": "problem", "message": p} for p in problems]
+        if not problems:
+            found.append(
+                {
+                    "kind": "api",
+                    "status": "valid",
+                    "message": "key accepted; every mapped allocation and SKU exists",
+                }
+            )
+    bad = any(f["status"] == "problem" for f in found)
+    _emit(
+        output,
+        {"ok": not bad, "checks": found},
+        lambda: "\n".join(
+            f"{f['kind'] if f['status'] == 'valid' else f['status']:<11} "
+            f"{report.printable(f['message'], 2000)}"
+            for f in found
+        ),
+    )
+    if bad:
         sys.exit(EXIT_CONFIG)
+
+
+@main.command("help")
+@click.argument("command", nargs=-1)
+@click.option("--man", "as_man", is_flag=True, help="As a man page (roff), for man(1).")
+def help_command(command: tuple[str, ...], as_man: bool) -> None:
+    """The whole manual: every command's help (or COMMAND's), or a man page.
+
+    \b
+    Examples:
+      slurm-tracker help | less
+      slurm-tracker help outbox
+      slurm-tracker help --man | gzip > /usr/local/share/man/man1/slurm-tracker.1.gz
+    """
+    root = click.Context(main, info_name="slurm-tracker")
+    if as_man:
+        exit_status = (__doc__ or "").split("Exit codes:", 1)[-1]
+        click.echo(
+            manual.man(main, root, __version__, datetime.now(timezone.utc).date(), exit_status),
+            nl=False,
+        )
+        return
+    if command and main.get_command(root, command[0]) is None:
+        raise click.UsageError(f"no command {command[0]!r}: see `slurm-tracker --help`")
+    click.echo(manual.text(main, root, command))
+
+
+def _check_state(config: Config, path: Path) -> list[dict[str, str]]:
+    """`check`'s findings about the state file."""
+    if not path.exists():
+        message = f"{path}: not created yet (the first sync creates it)"
+        return [{"kind": "state file", "status": "valid", "message": message}]
+    with State.open(path, readonly=True) as store:
+        problems = store.integrity_problems()
+        counts = store.counts()
+        mark = store.high_water_at()
+        quarantined = store.quarantine_count()
+    found = [
+        {"kind": "state file", "status": "problem", "message": f"state file {path}: {problem}"}
+        for problem in problems
+    ]
+    if not problems:
+        message = (
+            f"{path}: intact ({counts['pending']} pending, {counts['held']} held, "
+            f"{counts['dead']} dead; {quarantined} quarantined records)"
+        )
+        found.append({"kind": "state file", "status": "valid", "message": message})
+    skew = config.limits.clock_skew_s
+    if mark is not None and mark > pipeline.utc_now() + timedelta(seconds=skew):
+        message = (
+            f"high-water mark {mark:%Y-%m-%dT%H:%M:%SZ} is in the future: syncs would bill "
+            "nothing; fix the clock, then `slurm-tracker state set-mark TIME`"
+        )
+        found.append({"kind": "state file", "status": "problem", "message": message})
+    return found
 
 
 @main.group()
@@ -654,19 +869,30 @@ def outbox() -> None:
     type=click.Choice(["pending", "sending", "held", "acked", "dead", "dropped"]),
     help="Only these statuses (repeatable; default: pending, sending, held and dead).",
 )
-@_output_option
+@_rows_output_option
+@_log_options
 @handles_errors
 def outbox_list(
-    config_path: Optional[str], state_path: Optional[str], statuses: tuple[str, ...], output: str
+    config_path: Optional[str],
+    state_path: Optional[str],
+    statuses: tuple[str, ...],
+    output: str,
+    verbose: int,
+    quiet: bool,
 ) -> None:
-    """List outbox events."""
+    """List outbox events: what waits to be sent, was refused, or is held back.
+
+    \b
+    Examples:
+      slurm-tracker outbox list
+      slurm-tracker outbox list --status dead --output json
+      slurm-tracker outbox list --status acked --output csv > acked.csv
+    """
+    _setup_logging(verbose, quiet)
     config = _load(config_path)
     with State.open(_state_path(config, state_path), readonly=True) as store:
         rows = store.outbox(statuses or ("pending", "sending", "held", "dead"))
-    if output == "json":
-        click.echo(json.dumps([report.outbox_json(r) for r in rows], indent=2))
-    else:
-        click.echo(report.outbox_text(rows))
+    _emit(output, [report.outbox_json(r) for r in rows], lambda: report.outbox_text(rows))
 
 
 def _outbox_change(
@@ -675,6 +901,7 @@ def _outbox_change(
     keys: tuple[str, ...],
     all_: bool,
     verb: str,
+    output: str,
 ) -> None:
     if not keys and not all_:
         raise click.UsageError(f"name the event keys to {verb}, or pass --all")
@@ -691,7 +918,11 @@ def _outbox_change(
         "drop": "dropped",
         "release": "released: the next sync sends them",
     }[verb]
-    click.echo(f"{count} event{'s' if count != 1 else ''} {done}")
+    _emit(
+        output,
+        {"action": verb, "events": count},
+        lambda: f"{count} event{'s' if count != 1 else ''} {done}",
+    )
 
 
 def _outbox_change_command(verb: str, help_text: str) -> None:
@@ -707,21 +938,40 @@ def _outbox_change_command(verb: str, help_text: str) -> None:
         help=f"Every {'held' if verb == 'release' else 'dead'} event.",
     )
     @click.argument("keys", nargs=-1)
+    @_output_option
+    @_log_options
     @handles_errors
     def command(
-        config_path: Optional[str], state_path: Optional[str], all_: bool, keys: tuple[str, ...]
+        config_path: Optional[str],
+        state_path: Optional[str],
+        all_: bool,
+        keys: tuple[str, ...],
+        output: str,
+        verbose: int,
+        quiet: bool,
     ) -> None:
-        _outbox_change(config_path, state_path, keys, all_, verb)
+        _setup_logging(verbose, quiet)
+        _outbox_change(config_path, state_path, keys, all_, verb, output)
 
 
 _outbox_change_command(
-    "retry", "Put dead (or dropped) events back in the queue, e.g. after fixing an allocation."
+    "retry",
+    "Put dead (or dropped) events back in the queue, e.g. after fixing an allocation.\n\n"
+    "\b\nExamples:\n  slurm-tracker outbox retry --all\n"
+    "  slurm-tracker outbox retry st1:box:1234:1767225600:0-3600:SLURM_CPU_HOUR",
 )
-_outbox_change_command("drop", "Give up dead events: they are kept, marked dropped, never sent.")
+_outbox_change_command(
+    "drop",
+    "Give up dead events: they are kept, marked dropped, never sent.\n\n"
+    "\b\nExamples:\n  slurm-tracker outbox drop st1:box:1234:1767225600:0-3600:SLURM_CPU_HOUR\n"
+    "  slurm-tracker outbox drop --all",
+)
 _outbox_change_command(
     "release",
     "Send held events (quantity above limits.hold_above) after checking them: they go back "
-    "to pending and the next sync sends them.",
+    "to pending and the next sync sends them.\n\n"
+    "\b\nExamples:\n  slurm-tracker outbox list --status held\n"
+    "  slurm-tracker outbox release st1:box:1234:1767225600:0-3600:SLURM_CPU_HOUR",
 )
 
 
@@ -730,12 +980,27 @@ _outbox_change_command(
 @_state_option
 @click.option("--all", "all_", is_flag=True, help="Every dead event.")
 @click.argument("keys", nargs=-1)
+@_output_option
+@_log_options
 @handles_errors
 def outbox_replan(
-    config_path: Optional[str], state_path: Optional[str], all_: bool, keys: tuple[str, ...]
+    config_path: Optional[str],
+    state_path: Optional[str],
+    all_: bool,
+    keys: tuple[str, ...],
+    output: str,
+    verbose: int,
+    quiet: bool,
 ) -> None:
     """Map dead events again with the current configuration (e.g. after fixing a typo in
-    accounts.map), looking each one up on the API first; the next sync sends them."""
+    accounts.map), looking each one up on the API first; the next sync sends them.
+
+    \b
+    Examples:
+      slurm-tracker outbox replan --all
+      slurm-tracker outbox replan st1:box:1234:1767225600:0-3600:SLURM_CPU_HOUR
+    """
+    _setup_logging(verbose, quiet)
     if not keys and not all_:
         raise click.UsageError("name the event keys to replan, or pass --all")
     config = _load(config_path)
@@ -746,10 +1011,14 @@ def outbox_replan(
         lock.acquire(now_at)
         with State.open(path) as store:
             results = replan.replan(config, store, client, None if all_ else list(keys), now_at)
-    if not results:
-        click.echo("no dead events to replan")
-    for result in results:
-        click.echo(f"{result.outcome:<10} {result.key}: {report.printable(result.detail)}")
+    _emit(
+        output,
+        [{"key": r.key, "outcome": r.outcome, "detail": r.detail} for r in results],
+        lambda: (
+            "\n".join(f"{r.outcome:<10} {r.key}: {report.printable(r.detail)}" for r in results)
+            or "no dead events to replan"
+        ),
+    )
     if any(r.outcome == "refused" for r in results):
         sys.exit(EXIT_UNDELIVERED)
 
@@ -762,30 +1031,51 @@ def catalog() -> None:
 @catalog.command("pull")
 @_config_option
 @click.option(
-    "--output",
-    "output_path",
+    "--file",
+    "file_path",
     metavar="PATH",
     help="Where to write the catalog (default: catalog_file from the config).",
 )
+@_output_option
 @_log_options
 @handles_errors
 def catalog_pull(
-    config_path: Optional[str], output_path: Optional[str], verbose: int, quiet: bool
+    config_path: Optional[str],
+    file_path: Optional[str],
+    output: str,
+    verbose: int,
+    quiet: bool,
 ) -> None:
-    """Read the organisation's units, SKUs and rate rules from the API into a YAML file."""
+    """Read the organisation's units, SKUs and rate rules from the API into a YAML file.
+
+    \b
+    Examples:
+      slurm-tracker catalog pull
+      slurm-tracker catalog pull --file /etc/slurm-tracker/catalog.yaml
+    """
     _setup_logging(verbose, quiet)
     config = _load(config_path)
-    target = Path(output_path) if output_path else config.catalog_file
+    target = Path(file_path) if file_path else config.catalog_file
     if target is None:
-        raise click.UsageError("pass --output PATH, or set catalog_file in the config")
+        raise click.UsageError("pass --file PATH, or set catalog_file in the config")
     pulled = pipeline.pull_catalog(_client(config), pipeline.utc_now())
     # 0644: rates are not secret, and dry runs by other admins read them; nobody else may
     # write the file (files.py refuses a catalog others can write).
     write_atomically(target, rating.dump_catalog(pulled).encode("utf-8"), mode=0o644)
-    click.echo(
-        f"catalog with {len(pulled.skus)} SKUs in {len(pulled.units)} units written to {target}"
+    warnings = pipeline.catalog_warnings(config, pulled)
+    _emit(
+        output,
+        {
+            "file": str(target),
+            "skus": len(pulled.skus),
+            "units": len(pulled.units),
+            "warnings": warnings,
+        },
+        lambda: (
+            f"catalog with {len(pulled.skus)} SKUs in {len(pulled.units)} units written to {target}"
+        ),
     )
-    for warning in pipeline.catalog_warnings(config, pulled):
+    for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
 
 
@@ -798,19 +1088,26 @@ def catalog_pull(
     callback=_parse_now,
     help="Show the rates in force at this time (default: now).",
 )
-@_output_option
+@_rows_output_option
+@_log_options
 @handles_errors
-def catalog_show(config_path: Optional[str], at: Optional[datetime], output: str) -> None:
-    """The rates in force per SKU, and their history."""
+def catalog_show(
+    config_path: Optional[str], at: Optional[datetime], output: str, verbose: int, quiet: bool
+) -> None:
+    """The rates in force per SKU, and their history.
+
+    \b
+    Examples:
+      slurm-tracker catalog show
+      slurm-tracker catalog show --at 2026-01-01 --output csv
+    """
+    _setup_logging(verbose, quiet)
     config = _load(config_path)
     current = pipeline.load_catalog(config)
     if current is None:
         raise ConfigError(config.source, ["no catalog: set catalog_file or a catalog section"])
     rates = rating.effective_rates(current, at or pipeline.utc_now())
-    if output == "json":
-        click.echo(json.dumps(report.rates_json(rates), indent=2))
-    else:
-        click.echo(report.rates_text(rates))
+    _emit(output, report.rates_json(rates), lambda: report.rates_text(rates))
 
 
 @main.group()
@@ -822,30 +1119,40 @@ def quarantine() -> None:
 @_config_option
 @_state_option
 @click.option("--all", "all_", is_flag=True, help="Resolved entries too.")
-@_output_option
-@click.option("-v", "--verbose", is_flag=True, help="Whole reasons and the records as read.")
+@_rows_output_option
+@_log_options
 @handles_errors
 def quarantine_list(
     config_path: Optional[str],
     state_path: Optional[str],
     all_: bool,
     output: str,
-    verbose: bool,
+    verbose: int,
+    quiet: bool,
 ) -> None:
     """List quarantined records, oldest first.
 
     A record lands here when it cannot be billed as it is (a corrupt field, End before Start,
     a count above the limits...). It is never billed in that form. When slurmdbd later shows a
     sane record of the same run (after `sacctmgr` fixed it, say), the next sync or backfill
-    that reads it bills it as usual and the entry is marked resolved.
+    that reads it bills it as usual and the entry is marked resolved. With -v: whole reasons
+    and the records as read.
+
+    \b
+    Examples:
+      slurm-tracker quarantine list
+      slurm-tracker quarantine list --all -v
+      slurm-tracker quarantine list --output csv > quarantine.csv
     """
+    _setup_logging(verbose, quiet)
     config = _load(config_path)
     with State.open(_state_path(config, state_path), readonly=True) as store:
         rows = store.quarantine_rows(include_resolved=all_)
-    if output == "json":
-        click.echo(json.dumps([report.quarantine_json(r) for r in rows], indent=2))
-    else:
-        click.echo(report.quarantine_text(rows, verbose))
+    _emit(
+        output,
+        [report.quarantine_json(r) for r in rows],
+        lambda: report.quarantine_text(rows, verbose > 0),
+    )
 
 
 @main.group("state")
@@ -872,6 +1179,7 @@ def state_group() -> None:
     "or the last 30 days).",
 )
 @click.option("--take-over", is_flag=True, help="Count another agent's events as billed too.")
+@_output_option
 @_log_options
 @handles_errors
 def state_rebuild(
@@ -880,6 +1188,7 @@ def state_rebuild(
     from_api: bool,
     start: Optional[datetime],
     take_over: bool,
+    output: str,
     verbose: int,
     quiet: bool,
 ) -> None:
@@ -889,6 +1198,11 @@ def state_rebuild(
     (it was lost, replaced, or restored from an old backup) is counted as billed. A sync does
     the same by itself for a new state file and for events created since its last sync; use
     this to reach further back.
+
+    \b
+    Examples:
+      slurm-tracker state rebuild --from-api
+      slurm-tracker state rebuild --from-api --start 2026-01-01
     """
     _setup_logging(verbose, quiet)
     config = _load(config_path)
@@ -903,10 +1217,14 @@ def state_rebuild(
             found = pipeline.compare_with_api(
                 config, store, client, since, take_over=take_over, relearn=True
             )
-    click.echo(
-        f"{found.read} events of cluster {config.cluster} on the API ended since "
-        f"{since:%Y-%m-%dT%H:%M:%SZ}; {found.adopted} were unknown to {path} and are now "
-        "counted as billed"
+    _emit(
+        output,
+        {"since": since.isoformat(), "read": found.read, "adopted": found.adopted},
+        lambda: (
+            f"{found.read} events of cluster {config.cluster} on the API ended since "
+            f"{since:%Y-%m-%dT%H:%M:%SZ}; {found.adopted} were unknown to {path} and are now "
+            "counted as billed"
+        ),
     )
 
 
@@ -915,16 +1233,30 @@ def state_rebuild(
 @_state_option
 @click.argument("time", metavar="TIME", callback=_parse_now)
 @click.option("--yes", is_flag=True, help="Do it (without it, only say what would change).")
+@_output_option
+@_log_options
 @handles_errors
 def state_set_mark(
-    config_path: Optional[str], state_path: Optional[str], time: datetime, yes: bool
+    config_path: Optional[str],
+    state_path: Optional[str],
+    time: datetime,
+    yes: bool,
+    output: str,
+    verbose: int,
+    quiet: bool,
 ) -> None:
     """Set the high-water mark to TIME (RFC 3339), e.g. after a wrong clock moved it ahead.
 
     The next sync reads from TIME minus sacct.overlap. Moving the mark back bills nothing twice
     (every run's progress is kept), as long as TIME is after the point where old progress was
     pruned (refused otherwise).
+
+    \b
+    Examples:
+      slurm-tracker state set-mark 2026-11-30T08:00:00Z
+      slurm-tracker state set-mark 2026-11-30T08:00:00Z --yes
     """
+    _setup_logging(verbose, quiet)
     config = _load(config_path)
     path = _state_path(config, state_path)
     now_at = pipeline.utc_now()
@@ -932,9 +1264,13 @@ def state_set_mark(
         with State.open(path, readonly=True) as store:
             mark = store.high_water_at()
         old = f"{mark:%Y-%m-%dT%H:%M:%SZ}" if mark else "none"
-        click.echo(
-            f"would set the high-water mark of {path} from {old} to {time:%Y-%m-%dT%H:%M:%SZ}; "
-            "pass --yes to do it"
+        _emit(
+            output,
+            {"changed": False, "from": mark, "to": time},
+            lambda: (
+                f"would set the high-water mark of {path} from {old} to "
+                f"{time:%Y-%m-%dT%H:%M:%SZ}; pass --yes to do it"
+            ),
         )
         return
     with StateLock(path) as lock:
@@ -942,7 +1278,11 @@ def state_set_mark(
         with State.open(path) as store:
             previous = store.set_high_water(time, now_at, overlap_s=config.sacct.overlap_s)
     old = f"{previous:%Y-%m-%dT%H:%M:%SZ}" if previous else "none"
-    click.echo(f"high-water mark of {path}: {old} -> {time:%Y-%m-%dT%H:%M:%SZ}")
+    _emit(
+        output,
+        {"changed": True, "from": previous, "to": time},
+        lambda: f"high-water mark of {path}: {old} -> {time:%Y-%m-%dT%H:%M:%SZ}",
+    )
 
 
 EXIT_DISCREPANCIES = 6  # reconcile found discrepancies between slurmdbd and the API
@@ -994,6 +1334,12 @@ def reconcile_command(
     when nothing is found, 6 when discrepancies are. With --repair --yes (under the state
     lock): deletes duplicates and overlaps, posts the missing stretches through the outbox,
     then reads the API again.
+
+    \b
+    Examples:
+      slurm-tracker reconcile --start 2026-11-01 --end 2026-12-01
+      slurm-tracker reconcile --start 2026-11-01 --end 2026-12-01 --repair
+      slurm-tracker reconcile --start 2026-11-01 --end 2026-12-01 --repair --yes
     """
     _setup_logging(verbose, quiet)
     if yes and not repair:
@@ -1026,7 +1372,7 @@ def reconcile_command(
         lock.acquire(pipeline.utc_now())
         with State.open(path) as store:
             # what is waiting goes out first: the repair must not post what the outbox holds
-            pipeline.deliver_outbox(store, client, pipeline.utc_now, config.api.concurrency)
+            delivery.deliver_outbox(store, client, pipeline.utc_now, config.api.concurrency)
             found = reconciling.examine(config, store, client, records, window, catalog)
             fix = reconciling.plan_repair(found, reconciling.outbox_status(store))
             applied = reconciling.apply_repair(fix, config, store, client, pipeline.utc_now())
@@ -1065,19 +1411,29 @@ def corrections_group() -> None:
 @_config_option
 @_state_option
 @click.option("--all", "all_", is_flag=True, help="Applied and dismissed ones too.")
-@_output_option
+@_rows_output_option
+@_log_options
 @handles_errors
 def corrections_list(
-    config_path: Optional[str], state_path: Optional[str], all_: bool, output: str
+    config_path: Optional[str],
+    state_path: Optional[str],
+    all_: bool,
+    output: str,
+    verbose: int,
+    quiet: bool,
 ) -> None:
-    """List corrections (the open ones unless --all), oldest first."""
+    """List corrections (the open ones unless --all), oldest first.
+
+    \b
+    Examples:
+      slurm-tracker corrections list
+      slurm-tracker corrections list --all --output csv
+    """
+    _setup_logging(verbose, quiet)
     config = _load(config_path)
     with State.open(_state_path(config, state_path), readonly=True) as store:
         rows = store.corrections(include_closed=all_)
-    if output == "json":
-        click.echo(json.dumps([correcting.row_json(r) for r in rows], indent=2))
-    else:
-        click.echo(correcting.list_text(rows))
+    _emit(output, [correcting.row_json(r) for r in rows], lambda: correcting.list_text(rows))
 
 
 @corrections_group.command("apply")
@@ -1105,6 +1461,11 @@ def corrections_apply(
     correction is marked applied. Without --yes it reads the API and shows what it would do.
     Exit 0 when every correction tried was applied, 4 when some stay open (the reason is
     shown; the next apply goes on from there).
+
+    \b
+    Examples:
+      slurm-tracker corrections apply
+      slurm-tracker corrections apply --yes 1234
     """
     _setup_logging(verbose, quiet)
     config = _load(config_path)
@@ -1123,7 +1484,7 @@ def corrections_apply(
             lock.acquire(pipeline.utc_now())
             with State.open(path) as store:
                 # what is waiting goes out first: a run with unsettled events is not corrected
-                pipeline.deliver_outbox(store, client, pipeline.utc_now, config.api.concurrency)
+                delivery.deliver_outbox(store, client, pipeline.utc_now, config.api.concurrency)
                 attempts = correcting.apply_open(config, store, client, catalog, runs)
     if output == "json":
         click.echo(json.dumps(correcting.attempts_json(attempts, yes), indent=2))
@@ -1138,13 +1499,27 @@ def corrections_apply(
 @_state_option
 @click.argument("runs", nargs=-1, required=True, metavar="RUN|JOBID...")
 @click.option("--reason", default="", help="Why (kept with the correction).")
+@_output_option
+@_log_options
 @handles_errors
 def corrections_dismiss(
-    config_path: Optional[str], state_path: Optional[str], runs: tuple[str, ...], reason: str
+    config_path: Optional[str],
+    state_path: Optional[str],
+    runs: tuple[str, ...],
+    reason: str,
+    output: str,
+    verbose: int,
+    quiet: bool,
 ) -> None:
     """Leave the API's record of these runs as it is: their open corrections are dismissed.
 
-    A correction whose apply already deleted events cannot be dismissed: apply it."""
+    A correction whose apply already deleted events cannot be dismissed: apply it.
+
+    \b
+    Examples:
+      slurm-tracker corrections dismiss 1234 --reason "billed as agreed with the PI"
+    """
+    _setup_logging(verbose, quiet)
     config = _load(config_path)
     path = _state_path(config, state_path)
     now_at = pipeline.utc_now()
@@ -1155,4 +1530,280 @@ def corrections_dismiss(
             count = store.dismiss_corrections(
                 chosen, reason or "dismissed by an operator (`corrections dismiss`)", now_at
             )
-    click.echo(f"{count} correction{'s' if count != 1 else ''} dismissed")
+    _emit(
+        output,
+        {"dismissed": count},
+        lambda: f"{count} correction{'s' if count != 1 else ''} dismissed",
+    )
+
+
+# ---------------------------------------------------------------- migrate (from the Go agent)
+# (imported here to keep this block in one piece)
+from slurm_tracker import migrate_config, migrate_state  # noqa: E402
+
+
+@main.group("migrate")
+def migrate_group() -> None:
+    """Switch from the older Go slurm-tracker: its config, then its state.
+
+    Stop the old agent's timer first; then `migrate config`, `migrate state`,
+    `check --online`, `sync --dry-run`, and start the new timer.
+    """
+
+
+@migrate_group.command("config")
+@click.argument("old_config", metavar="OLD.json", type=click.Path(dir_okay=False))
+@click.option("--file", "file_path", metavar="PATH", help="Write the YAML config here (new file).")
+@click.option("--cluster", help="Cluster name (default: ClusterName of slurm.conf).")
+@click.option("--organization", default="", help="The organization (the old agent's flag).")
+@click.option(
+    "--url", default="", help="API URL (default: https://$PW_PLATFORM_HOST, else from the key)."
+)
+@_log_options
+@handles_errors
+def migrate_config_command(
+    old_config: str,
+    file_path: Optional[str],
+    cluster: Optional[str],
+    organization: str,
+    url: str,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Turn the Go agent's JSON config into an equivalent, commented YAML config.
+
+    Every mapped partition is billed as core-hours (what the old agent billed); the defaults
+    are kept; what cannot be carried over is listed. Printed, or written to --file.
+
+    \b
+    Examples:
+      slurm-tracker migrate config /etc/slurm-tracker/config.json --organization my-org
+      slurm-tracker migrate config old.json --cluster hpc1 --file /etc/slurm-tracker/config.yaml
+    """
+    _setup_logging(verbose, quiet)
+    old = migrate_config.read_old_config(Path(old_config))
+    cluster = cluster or migrate_config.cluster_from_slurm_conf(os.environ)
+    if not cluster:
+        raise click.UsageError(
+            "no cluster name: slurm.conf was not readable; pass --cluster NAME (the name "
+            "sacct shows in its Cluster column)"
+        )
+    migrated = migrate_config.to_yaml(
+        old,
+        cluster=cluster,
+        organization=organization,
+        url=url or migrate_config.url_from_environment(os.environ),
+        source=old_config,
+    )
+    if file_path is None:
+        click.echo(migrated.text, nl=False)
+    else:
+        target = Path(file_path)
+        if os.path.lexists(target):
+            raise click.UsageError(f"{target} exists: choose another --file, or remove it first")
+        write_atomically(target, migrated.text.encode(), mode=0o644)
+    for line in migrate_config.summary(migrated, file_path):
+        click.echo(line, err=True)
+
+
+@migrate_group.command("state")
+@click.argument("old_state", metavar="OLD.db", type=click.Path(dir_okay=False))
+@_config_option
+@_state_option
+@click.option("--dry-run", is_flag=True, help="Show what would be recorded; write nothing.")
+@click.option(
+    "--sacct-file",
+    metavar="PATH",
+    help="Read a saved sacct capture ('-' for stdin) instead of running sacct.",
+)
+@click.option(
+    "--skip",
+    "skip",
+    multiple=True,
+    type=int,
+    metavar="JOBID",
+    help="Leave this old job id out (after checking it by hand); repeatable.",
+)
+@_output_option
+@_log_options
+@handles_errors
+def migrate_state_command(
+    old_state: str,
+    config_path: Optional[str],
+    state_path: Optional[str],
+    dry_run: bool,
+    sacct_file: Optional[str],
+    skip: tuple[int, ...],
+    output: str,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Carry the Go agent's progress into a new state file, so the first sync bills the rest.
+
+    Each job the old agent billed that may still change is matched to its run in slurmdbd
+    (the run that was running when it last reported it); the elapsed seconds it billed are
+    recorded as billed, and the billing floor and high-water mark go to the cutover. Job ids
+    that match no run, several, or a reused id stop it (exit 3, nothing written). The old
+    state file is only read.
+
+    \b
+    Examples:
+      slurm-tracker migrate state /var/lib/slurm-tracker/old.db --dry-run
+      slurm-tracker migrate state old.db --state /var/lib/slurm-tracker/state.db
+      slurm-tracker migrate state old.db --skip 4242 --output json
+    """
+    _setup_logging(verbose, quiet)
+    config = _load(config_path)
+    migration, written = migrate_state.migrate(
+        config,
+        Path(old_state),
+        _state_path(config, state_path),
+        dry_run=dry_run,
+        sacct_file=sacct_file,
+        stdin=sys.stdin.buffer,
+        environ=os.environ,
+        skip=skip,
+    )
+    if output == "json":
+        click.echo(json.dumps(migrate_state.as_json(migration, written), indent=2))
+    else:
+        click.echo(migrate_state.as_text(migration, written, dry_run))
+    if migration.problems:
+        _fail(
+            f"old agent state {old_state}: {len(migration.problems)} job id(s) cannot be "
+            "carried over safely (listed above); nothing was written",
+            EXIT_CONFIG,
+        )
+
+
+# --- `report`: the cost and utilisation report (slurm_tracker.costs) ------------------------
+
+REPORT_DEFAULT_DAYS = 7
+
+
+@main.command("report")
+@_config_option
+@click.option(
+    "--start",
+    metavar="TIME",
+    callback=_parse_now,
+    help=f"Start of the period (a date or RFC 3339 time, UTC; default: {REPORT_DEFAULT_DAYS} "
+    "days before --end).",
+)
+@click.option(
+    "--end", metavar="TIME", callback=_parse_now, help="End (exclusive), UTC (default: now)."
+)
+@click.option(
+    "--by",
+    type=click.Choice(["account", "user", "partition", "allocation", "job-name", "job"]),
+    default="account",
+    show_default=True,
+    help="What the rows and the chart's series are.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(1, 100),
+    default=10,
+    show_default=True,
+    help="Groups shown (table and chart); the others are summed as (other).",
+)
+@click.option(
+    "--output",
+    type=click.Choice(["table", "json", "csv", "html"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--file",
+    "file_path",
+    metavar="PATH",
+    help="Write the report to PATH instead of standard output.",
+)
+@click.option(
+    "--sacct-file",
+    metavar="PATH",
+    help="Read a saved sacct capture with its step records ('-' for stdin) instead of sacct.",
+)
+@_log_options
+@handles_errors
+def report_command(
+    config_path: Optional[str],
+    start: Optional[datetime],
+    end: Optional[datetime],
+    by: str,
+    top: int,
+    output: str,
+    file_path: Optional[str],
+    sacct_file: Optional[str],
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Cost and utilisation of the jobs of [START, END): where the cost is, and who uses less
+    than they asked for (right-sizing hints), with a cost chart per 15 minutes.
+
+    Reads sacct (allocations and their steps) in chunks like backfill, or a saved capture.
+    Prices: the config's `pricing` section, else the rating catalog of the mapped SKUs.
+
+    \b
+    Examples:
+      slurm-tracker report
+      slurm-tracker report --start 2026-11-01 --end 2026-12-01 --by user --top 20
+      slurm-tracker report --by allocation --output html --file report.html
+      slurm-tracker report --start 2026-11-23 --output csv --sacct-file week.txt > week.csv
+    """
+    # imported here: the cron-run commands never load the report's modules
+    from slurm_tracker.costs import (  # noqa: PLC0415
+        groups,
+        reading,
+        render_data,
+        render_html,
+        render_text,
+    )
+
+    _setup_logging(verbose, quiet)
+    now_at = pipeline.utc_now().replace(microsecond=0)
+    end_at = min(end or now_at, now_at)  # the future has no usage (and idle nodes no cost yet)
+    start_at = start or end_at - timedelta(days=REPORT_DEFAULT_DAYS)
+    if start_at >= now_at:
+        raise click.BadParameter("is in the future: nothing ran yet", param_hint="--start")
+    if end_at <= start_at:
+        raise click.BadParameter("--end must be after --start", param_hint="--end")
+    config = _load(config_path)
+    has_prices = config.pricing is not None and bool(
+        config.pricing.exact or config.pricing.patterns or config.pricing.default
+    )
+    catalog = None if has_prices else pipeline.load_catalog(config)
+
+    def progress(number: int, count: int, window: pipeline.Window) -> None:
+        if not quiet:
+            click.echo(
+                f"slurm-tracker: reading sacct {number}/{count}: "
+                f"{window.start_at:%Y-%m-%d %H:%M} .. {window.end_at:%Y-%m-%d %H:%M} UTC",
+                err=True,
+            )
+
+    usage = reading.read_usage(
+        config,
+        start_at,
+        end_at,
+        sacct_file=sacct_file,
+        stdin=sys.stdin.buffer,
+        environ=os.environ,
+        with_job_name=by == "job-name",
+        progress=progress,
+    )
+    made = groups.build_report(config, catalog, usage, by=by, start_at=start_at, end_at=end_at)
+    if output == "json":
+        text = json.dumps(render_data.as_json(made, top), indent=2) + "\n"
+    elif output == "csv":
+        text = render_data.as_csv(made, top)
+    elif output == "html":
+        text = render_html.as_html(made, top)
+    else:
+        text = render_text.as_text(made, top)
+    if file_path is None:
+        click.echo(text, nl=False)
+        return
+    render_data.write_file(Path(file_path), text)
+    if not quiet:
+        click.echo(f"slurm-tracker: report written to {file_path}", err=True)

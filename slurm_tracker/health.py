@@ -98,19 +98,27 @@ def clear_failure_trace(state_path: Path) -> None:
 
 
 def record_failed_sync(
-    store: Optional[State], state_path: Path, started_at: datetime, code: int, reason: str
+    store: Optional[State],
+    state_path: Path,
+    started_at: datetime,
+    code: int,
+    reason: str,
+    kind: str = "sync",
 ) -> None:
-    """Record a failed sync in the state (when open and writable), else in the sidecar."""
+    """Record a failed sync (or backfill) in the state (when open and writable), else, for a
+    sync, in the sidecar (a backfill is run by a person, who sees its error)."""
     now_at = datetime.now(timezone.utc)
+    summary: dict[str, Any] = {"exitCode": code, "reason": one_line(reason)}
+    if kind != "sync":
+        summary["kind"] = kind
     if store is not None and not store.readonly:
         try:
-            store.record_sync(
-                started_at, now_at, FAILED, {"exitCode": code, "reason": one_line(reason)}
-            )
+            store.record_sync(started_at, now_at, FAILED, summary)
             return
         except (TrackerError, OSError) as exc:
-            log.debug("the state could not record the failed sync: %s", exc)
-    write_failure_trace(state_path, now_at, code, reason)
+            log.debug("the state could not record the failed %s: %s", kind, exc)
+    if kind == "sync":
+        write_failure_trace(state_path, now_at, code, reason)
 
 
 # ------------------------------------------------------------------ the check
@@ -170,8 +178,11 @@ def unknown(reason: str) -> CheckResult:
 
 
 def sync_history(store: State, state_path: Path) -> dict[str, Any]:
-    """The last success, the last attempt and the failed syncs in a row (state and sidecar)."""
-    syncs = store.recent_syncs()
+    """The last success, the last attempt and the failed syncs in a row (state and sidecar).
+
+    Backfills are recorded too (``summary.kind``) but are not syncs: they neither count as
+    failed syncs nor hide them."""
+    syncs = [r for r in store.recent_syncs() if r["summary"].get("kind", "sync") == "sync"]
     trace = read_failure_trace(state_path)
     failed = 0
     last_success: Optional[datetime] = None

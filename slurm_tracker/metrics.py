@@ -69,6 +69,7 @@ def render(
     state_path: Path,
     now_at: datetime,
     totals: Mapping[tuple[str, str], tuple[int, Decimal]],
+    planned: Mapping[tuple[str, str], tuple[int, Decimal]],
 ) -> str:
     history = health.sync_history(store, state_path)
     last = history["lastSync"]
@@ -125,10 +126,25 @@ def render(
         [({"allocation": a, "sku": s}, q) for (a, s), (_, q) in sorted(totals.items())],
     )
     w.family(
+        "events_planned_total",
+        "counter",
+        "Usage events planned into the outbox, since the state file was created.",
+        [({"allocation": a, "sku": s}, n) for (a, s), (n, _) in sorted(planned.items())],
+    )
+    w.family(
         "outbox_events",
         "gauge",
         "Events in the outbox not yet delivered, by status.",
         [({"status": s}, counts.get(s, 0)) for s in ("pending", "sending", "held", "dead")],
+    )
+    w.family(
+        "outbox_events_by_sku",
+        "gauge",
+        "Events in the outbox not yet delivered, by status, allocation and SKU.",
+        [
+            ({"status": status, "allocation": a, "sku": s}, n)
+            for (status, a, s), n in sorted(store.waiting_by_sku().items())
+        ],
     )
     w.gauge(
         "oldest_pending_age_seconds",
@@ -149,7 +165,7 @@ def write_metrics(path: Path, store: State, now_at: datetime) -> None:
     warning, never raised (a sync's own outcome and exit code come first)."""
     try:
         totals = store.fold_posted_totals() if not store.readonly else store.posted_totals()
-        text = render(store, store.path, now_at, totals)
+        text = render(store, store.path, now_at, totals, store.planned_totals())
         write_atomically(path, text.encode(), mode=0o644)
     except (TrackerError, OSError, ValueError) as exc:
         log.warning("could not write the metrics file %s: %s", path, exc)

@@ -8,10 +8,7 @@ read the input (a saved file, or one sacct call) and pick the window.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
@@ -22,12 +19,14 @@ from zoneinfo import ZoneInfo
 from slurm_tracker import api, ledger, rating, sacct, state
 from slurm_tracker.config import Config, SacctConfig
 from slurm_tracker.corrections import Correction, detect
+
+# re-exported (backfill.py imports them from here); they live in delivery.py
+from slurm_tracker.delivery import DeliveryReport, deliver_outbox
 from slurm_tracker.errors import (
     ApiError,
     InputError,
     SacctUnavailable,
     StateError,
-    StateUnavailable,
 )
 from slurm_tracker.events import plan, request_body
 from slurm_tracker.mapping import Target, map_record
@@ -436,109 +435,6 @@ def reported_after(plan: Plan, before: Mapping[RunKey, int]) -> dict[RunKey, int
     return after
 
 
-GIVE_UP_AFTER_FAILURES = 3  # undeliverable events in a row that end a delivery pass
-
-
-@dataclass(frozen=True)
-class DeliveryReport:
-    """What one delivery pass did with the outbox."""
-
-    acked: int = 0
-    found_by_lookup: int = 0
-    dead: int = 0
-    pending: int = 0
-    unavailable: str = ""  # the last "API unavailable" message, if any
-    auth_error: str = ""
-
-
-def deliver_outbox(
-    store: state.State,
-    client: api.AllocationsClient,
-    clock: Callable[[], datetime],
-    concurrency: int = 1,
-) -> DeliveryReport:
-    """Send every pending event, at most ``concurrency`` at a time; never lose one.
-
-    Each row is marked ``sending`` (committed) before each attempt; an earlier attempt whose
-    outcome is unknown makes the next one look the event key up first (api.deliver).
-    A rejected API key stops the pass (every other event would fail the same way), and so do
-    GIVE_UP_AFTER_FAILURES events in a row that could not be delivered: an unreachable API must
-    not hold one sync for hours, while one event the API keeps failing on blocks no other.
-    """
-    rows = store.to_send()
-    counts = {"acked": 0, "found": 0, "dead": 0, "pending": 0, "failed_in_a_row": 0}
-    messages = {"unavailable": "", "auth": ""}
-    stop = threading.Event()
-    guard = threading.Lock()
-
-    def one(row: state.OutboxRow) -> None:
-        if stop.is_set():
-            with guard:
-                counts["pending"] += 1
-            return
-        try:
-            send(row)
-        except (StateError, StateUnavailable):
-            stop.set()  # the state file cannot record outcomes (disk full...): stop sending;
-            raise  # every event keeps its stored status, and the next run goes on from there
-
-    def send(row: state.OutboxRow) -> None:
-        key = row.event_key
-        try:
-            outcome = api.deliver(
-                client,
-                row.allocation,
-                row.body,
-                key,
-                outcome_unknown_before=row.needs_lookup,
-                before_attempt=lambda _n: store.mark_sending(key, clock()),
-            )
-        except api.DeliveryFailed as exc:
-            store.mark_pending(key, str(exc), exc.last_outcome_unknown, clock())
-            with guard:
-                counts["pending"] += 1
-                counts["failed_in_a_row"] += 1
-                messages["unavailable"] = str(exc)
-                if counts["failed_in_a_row"] >= GIVE_UP_AFTER_FAILURES:
-                    stop.set()  # the API is down: leave the rest for the next sync
-            return
-        except ApiError as exc:  # the key or the configuration was refused (401, 403...)
-            store.mark_pending(key, str(exc), True, clock())  # look it up next time, to be safe
-            stop.set()
-            with guard:
-                counts["pending"] += 1
-                messages["auth"] = str(exc)
-            return
-        with guard:
-            counts["failed_in_a_row"] = 0
-        if outcome.status == "acked":
-            store.mark_acked(key, outcome.event_id, clock())
-            with guard:
-                counts["acked"] += 1
-                counts["found"] += int(outcome.found_by_lookup)
-        else:
-            store.mark_dead(key, outcome.error, clock())
-            log.warning("event %s dead-lettered: %s", key, outcome.error)
-            with guard:
-                counts["dead"] += 1
-
-    if concurrency <= 1:
-        for row in rows:
-            one(row)
-    else:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            for future in [pool.submit(one, row) for row in rows]:
-                future.result()
-    return DeliveryReport(
-        acked=counts["acked"],
-        found_by_lookup=counts["found"],
-        dead=counts["dead"],
-        pending=counts["pending"],
-        unavailable=messages["unavailable"],
-        auth_error=messages["auth"],
-    )
-
-
 def gather(
     config: Config,
     window: Window,
@@ -717,10 +613,23 @@ def sync_once(
     )
     high_water_at = given.window.end_at if given.window else None
     new = commit(store, plan, request.now_at, high_water_at)
-    return _deliver_and_finish(config, store, client, plan, given.window, new, request.now_at)
+    return deliver_and_finish(config, store, client, plan, given.window, new, request.now_at)
 
 
-def _deliver_and_finish(
+def add_deliveries(before: DeliveryReport, after: DeliveryReport) -> DeliveryReport:
+    """Two delivery passes as one: counts added, the later pass's backlog and messages (the
+    earlier one's when the later has none)."""
+    return DeliveryReport(
+        acked=before.acked + after.acked,
+        found_by_lookup=before.found_by_lookup + after.found_by_lookup,
+        dead=before.dead + after.dead,
+        pending=after.pending,
+        unavailable=after.unavailable or before.unavailable,
+        auth_error=after.auth_error or before.auth_error,
+    )
+
+
+def deliver_and_finish(
     config: Config,
     store: state.State,
     client: api.AllocationsClient,
@@ -728,8 +637,15 @@ def _deliver_and_finish(
     window: Optional[Window],
     new: int,
     started_at: datetime,
+    *,
+    kind: str = "sync",
+    delivered_before: Optional[DeliveryReport] = None,
 ) -> SyncResult:
+    """Deliver what waits, prune, and record the outcome of a sync (or ``kind``: backfill,
+    whose chunks were delivered as it went: ``delivered_before``)."""
     delivery = deliver_outbox(store, client, utc_now, config.api.concurrency)
+    if delivered_before is not None:
+        delivery = add_deliveries(delivered_before, delivery)
     store.prune(utc_now(), config.sacct.overlap_s, ACKED_RETENTION_S)
     result = SyncResult(plan, window, new, delivery, store.counts())
     store.record_sync(
@@ -737,6 +653,7 @@ def _deliver_and_finish(
         utc_now(),
         result.outcome,
         {
+            **({"kind": kind} if kind != "sync" else {}),
             "planned": new,
             "posted": delivery.acked,
             "pending": result.outbox.get("pending", 0),
@@ -757,77 +674,6 @@ def _failure_reason(result: SyncResult) -> dict[str, str]:
         result.delivery.unavailable if result.outcome == "unavailable" else ""
     )
     return {"reason": " ".join(str(reason).split())[:300]} if reason else {}
-
-
-def backfill_plan(
-    config: Config,
-    store: state.State,
-    catalog: Optional[rating.Catalog],
-    windows: Sequence[Window],
-    environ: Mapping[str, str],
-    sleep: Callable[[float], None] = time.sleep,
-) -> Plan:
-    """A dry backfill: every chunk planned as if the ones before it had been stored."""
-    reported: dict[RunKey, int] = {}
-    forgotten_before = store.pruned_before()
-    plans = []
-    for number, window in enumerate(windows):
-        if number:
-            sleep(config.sacct.backfill_pause_s)
-        parsed = parse_input(config, read_live(config, window, environ), None)
-        runs = {r.run for r in parsed.records}
-        known = {**store.reported(runs), **{r: s for r, s in reported.items() if r in runs}}
-        plan = plan_usage(
-            parsed,
-            known,
-            config,
-            catalog,
-            now_at=utc_now(),
-            forgotten_before=forgotten_before,
-            agent=ledger.agent_id(store.path),
-        )
-        reported.update(reported_after(plan, known))
-        plans.append(plan)
-    return merge_plans(plans)
-
-
-def backfill(
-    config: Config,
-    store: state.State,
-    client: api.AllocationsClient,
-    catalog: Optional[rating.Catalog],
-    windows: Sequence[Window],
-    environ: Mapping[str, str],
-    sleep: Callable[[float], None] = time.sleep,
-) -> SyncResult:
-    """Load history chunk by chunk: each chunk committed before the next sacct call."""
-    plans = []
-    new = 0
-    started_at = utc_now()
-    agent = ledger.agent_id(store.path)
-    if windows:
-        compare_with_api(
-            config, store, client, windows[0].start_at - timedelta(seconds=ledger.LEARN_BEFORE_S)
-        )
-    for number, window in enumerate(windows):
-        if number:
-            sleep(config.sacct.backfill_pause_s)
-        log.info("backfill chunk %d/%d", number + 1, len(windows))
-        parsed = parse_input(config, read_live(config, window, environ), None)
-        reported = store.reported(r.run for r in parsed.records)
-        plan = plan_usage(
-            parsed,
-            reported,
-            config,
-            catalog,
-            now_at=utc_now(),
-            forgotten_before=store.pruned_before(),
-            agent=agent,
-        )
-        new += commit(store, plan, utc_now(), None)
-        plans.append(plan)
-    whole = Window(windows[0].start_at, windows[-1].end_at) if windows else None
-    return _deliver_and_finish(config, store, client, merge_plans(plans), whole, new, started_at)
 
 
 def merge_plans(plans: Sequence[Plan]) -> Plan:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -25,6 +29,38 @@ def printable(text: str, limit: int = 300) -> str:
         c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
     )
     return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def _flat(value: Any, prefix: str, into: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flat(inner, f"{prefix}.{key}" if prefix else str(key), into)
+    elif isinstance(value, (list, tuple)):
+        into[prefix] = json.dumps(value, default=str)
+    elif isinstance(value, str) and value[:1] in _FORMULA_STARTS:
+        into[prefix] = "'" + value  # no spreadsheet runs a job name as a formula
+    else:
+        into[prefix] = "" if value is None else value
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(rows: Sequence[Any]) -> str:
+    """CSV of JSON-like rows: one line per row, nested objects as dotted columns (``rated.usd``),
+    lists as JSON text; the columns in the order they first appear. Text that a spreadsheet
+    would run as a formula (``=``, ``+``, ``-``, ``@``...) starts with a quote."""
+    flat: list[dict[str, Any]] = []
+    for row in rows:
+        into: dict[str, Any] = {}
+        _flat(row if isinstance(row, dict) else {"value": row}, "", into)
+        flat.append(into)
+    columns = list(dict.fromkeys(k for row in flat for k in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return out.getvalue()
 
 
 def rejected_json(rejected: Rejected) -> dict[str, Any]:
@@ -271,6 +307,30 @@ def sync_json(result: SyncResult) -> dict[str, Any]:
         "rejectedRecords": [rejected_json(r) for r in result.plan.rejected],
         "held": result.outbox.get("held", 0),
     }
+
+
+def sync_summary(result: SyncResult, kind: str, seconds: float) -> tuple[int, str, dict[str, Any]]:
+    """The one summary line of a sync or backfill: (logging level, message, fields)."""
+    j = sync_json(result)
+    window = j["window"]
+    values: dict[str, Any] = {
+        "kind": kind,
+        "outcome": j["outcome"],
+        "windowStart": window["start"] if window else None,
+        "windowEnd": window["end"] if window else None,
+        "records": result.plan.records,
+        **{k: j[k] for k in ("planned", "posted", "pending", "held", "dead", "skipped")},
+        "rejected": j["rejected"],
+        "seconds": round(seconds, 3),
+    }
+    where = f"window {window['start']}..{window['end']}" if window else "saved input"
+    message = (
+        f"{kind} {j['outcome']} in {seconds:.1f} s: {where}, {values['records']} records, "
+        f"{j['planned']} events planned, {j['posted']} posted, {j['pending']} pending, "
+        f"{j['held']} held, {j['dead']} dead, {j['rejected']} rejected"
+    )
+    level = {"ok": logging.INFO, "undelivered": logging.WARNING}.get(j["outcome"], logging.ERROR)
+    return level, message, values
 
 
 def sync_text(result: SyncResult) -> str:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 from urllib.parse import quote
 
 from slurm_tracker import files
@@ -290,6 +290,24 @@ class OutboxRow:
     def needs_lookup(self) -> bool:
         """Whether an earlier attempt may have reached the API (look the key up first)."""
         return self.outcome_unknown or self.status == "sending"
+
+
+@dataclass(frozen=True)
+class OutboxUpdate:
+    """The outcome of one send, written by :meth:`State.record_outcomes`.
+
+    ``status``: ``acked`` (with the API's ``event_id``), ``dead`` or ``pending``. ``error``
+    None keeps the row's last error. ``outcome_unknown`` is sticky (never cleared here).
+    ``extra`` is added to the row's attempts (POSTs made beyond the one its mark counted; -1
+    for a row marked ``sending`` and never posted).
+    """
+
+    event_key: str
+    status: Literal["acked", "dead", "pending"]
+    event_id: Optional[str] = None
+    error: Optional[str] = None
+    outcome_unknown: bool = False
+    extra: int = 0
 
 
 @dataclass(frozen=True)
@@ -931,6 +949,22 @@ class State:
         """Events not yet acknowledged, not dead and not held, oldest first."""
         return self.outbox(("pending", "sending"))
 
+    def to_send_from(self, position: int, limit: int) -> tuple[list[OutboxRow], int]:
+        """Up to ``limit`` events to send (pending or sending) stored after ``position`` (0:
+        from the first), in the order they were stored, and the position to go on from.
+
+        A delivery pass walks the outbox with it one batch at a time, whatever the backlog's
+        size: the walk reads the table once (by rowid), and rows whose status changes during
+        the walk keep their place."""
+        rows = self._query(
+            f"SELECT rowid, {_OUTBOX_COLUMNS} FROM outbox "
+            "WHERE rowid > ? AND status IN ('pending', 'sending') ORDER BY rowid LIMIT ?",
+            (position, int(limit)),
+        )
+        if not rows:
+            return [], position
+        return [self._row(r[1:]) for r in rows], int(rows[-1][0])
+
     @staticmethod
     def _row(r: Sequence[Any]) -> OutboxRow:
         started = _time(r[4])
@@ -966,6 +1000,47 @@ class State:
     def mark_sending(self, key: str, now_at: datetime) -> None:
         """Recorded (and committed) before every attempt, so a crash mid-send is noticed."""
         self._set(key, now_at, "status='sending', attempts=attempts+1", ())
+
+    def mark_sending_many(self, keys: Sequence[str], now_at: datetime) -> None:
+        """Mark a batch of events ``sending`` in ONE committed transaction, before any of them
+        is posted (delivery.py): a crash from then on makes the next run look them up."""
+        self._writable()
+        if not keys:
+            return
+        now = _epoch(now_at)
+        with self._tx(f"record that {len(keys)} events are being sent") as cur:
+            cur.executemany(
+                "UPDATE outbox SET status='sending', attempts=attempts+1, updated_at=? "
+                "WHERE event_key=?",
+                [(now, key) for key in keys],
+            )
+
+    def record_outcomes(self, updates: Sequence[OutboxUpdate], now_at: datetime) -> None:
+        """Record the outcomes of several sends in ONE transaction (see OutboxUpdate)."""
+        self._writable()
+        if not updates:
+            return
+        now = _epoch(now_at)
+        with self._tx(f"record the outcome of {len(updates)} events") as cur:
+            cur.executemany(
+                """UPDATE outbox SET status=?, event_id=coalesce(?, event_id),
+                     last_error=coalesce(?, last_error),
+                     outcome_unknown=max(outcome_unknown, ?),
+                     attempts=max(0, attempts + ?), updated_at=?
+                   WHERE event_key=?""",
+                [
+                    (
+                        u.status,
+                        u.event_id,
+                        "" if u.status == "acked" else u.error,
+                        int(u.outcome_unknown),
+                        u.extra,
+                        now,
+                        u.event_key,
+                    )
+                    for u in updates
+                ],
+            )
 
     def mark_acked(self, key: str, event_id: Optional[str], now_at: datetime) -> None:
         self._set(key, now_at, "status='acked', event_id=?, last_error=''", (event_id,))
@@ -1070,6 +1145,35 @@ class State:
             cur.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('floor_at', ?)",
                 (str(_epoch(at)),),
+            )
+
+    # ------------------------------------------------------------------ backfill resume
+    def backfill_done_through(self, start_at: datetime, chunk_s: int) -> Optional[datetime]:
+        """How far a backfill from ``start_at`` in chunks of ``chunk_s`` got (its chunks up to
+        there are committed), when that is the backfill last left unfinished; else None."""
+        value = self._meta("backfill")
+        try:
+            done = json.loads(value) if value else {}
+            if done.get("start") == _epoch(start_at) and done.get("chunk") == chunk_s:
+                return _time(int(done["doneThrough"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            log.warning("the backfill progress in %s is unreadable: starting over", self.path)
+        return None
+
+    def set_backfill_done(
+        self, start_at: datetime, chunk_s: int, through: Optional[datetime]
+    ) -> None:
+        """Remember that a backfill's chunks up to ``through`` are committed (None: it
+        finished, nothing to resume)."""
+        self._writable()
+        with self._tx("record the backfill's progress") as cur:
+            if through is None:
+                cur.execute("DELETE FROM meta WHERE key = 'backfill'")
+                return
+            done = {"start": _epoch(start_at), "chunk": chunk_s, "doneThrough": _epoch(through)}
+            cur.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('backfill', ?)",
+                (json.dumps(done),),
             )
 
     def ledger_checked_at(self) -> Optional[datetime]:
@@ -1461,50 +1565,133 @@ class State:
     def posted_totals(self) -> dict[tuple[str, str], tuple[int, Decimal]]:
         """Cumulative (events, quantity) acknowledged per (allocation, SKU), as last folded by
         fold_posted_totals: never lowered by pruning."""
-        text = self._meta(_POSTED_TOTALS)
+        return self._folded(_POSTED_TOTALS)
+
+    def waiting_by_sku(self) -> dict[tuple[str, str, str], int]:
+        """Undelivered events per (status, allocation, SKU): pending, sending, held, dead."""
+        rows = self._query(
+            "SELECT status, allocation, sku, count(*) FROM outbox "
+            "WHERE status IN ('pending', 'sending', 'held', 'dead') GROUP BY 1, 2, 3"
+        )
+        return {(status, a, s): n for status, a, s, n in rows}
+
+    def planned_totals(self) -> dict[tuple[str, str], tuple[int, Decimal]]:
+        """Cumulative (events, quantity) planned into the outbox per (allocation, SKU), as last
+        folded by fold_posted_totals."""
+        return self._folded(_PLANNED_TOTALS)
+
+    def _folded(self, name: str) -> dict[tuple[str, str], tuple[int, Decimal]]:
+        text = self._meta(name)
         data = json.loads(text) if text else {"totals": []}
         return {(a, s): (int(n), Decimal(q)) for a, s, n, q in data["totals"]}
 
     def fold_posted_totals(self) -> dict[tuple[str, str], tuple[int, Decimal]]:
-        """Add the events acknowledged since the last fold to the cumulative totals (meta), in
-        one transaction, and return them.
+        """Add the events acknowledged (and planned) since the last fold to the cumulative
+        totals (meta), in one transaction, and return the acknowledged ones.
 
-        The fold remembers the latest acknowledgement time it counted and the keys acknowledged
-        in that second; acknowledged rows are pruned only after 30 days, long after the next
-        fold, so each acknowledgement is counted once and pruning never lowers a total.
+        Each fold remembers the latest time it counted (acknowledgement, or creation) and the
+        keys of that second; rows are pruned only after 30 days, long after the next fold, so
+        each event is counted once and pruning never lowers a total.
         """
         self._writable()
         with self._tx("count the posted events") as cur:
-            row = cur.execute("SELECT value FROM meta WHERE key=?", (_POSTED_TOTALS,)).fetchone()
-            data = json.loads(row[0]) if row else {}
-            totals = {(a, s): (int(n), Decimal(q)) for a, s, n, q in data.get("totals", [])}
-            through = int(data.get("through", -1))
-            at_through = set(data.get("atThrough", []))
-            for key, allocation, sku, quantity, updated in cur.execute(
-                "SELECT event_key, allocation, sku, quantity, updated_at FROM outbox "
-                "WHERE status='acked' AND updated_at >= ? ORDER BY updated_at",
-                (through,),
-            ).fetchall():
-                if updated == through and key in at_through:
-                    continue
-                if updated > through:
-                    through, at_through = updated, set()
-                at_through.add(key)
-                n, q = totals.get((allocation, sku), (0, Decimal(0)))
-                totals[(allocation, sku)] = (n + 1, q + Decimal(quantity))
-            data = {
-                "totals": [[a, s, n, str(q)] for (a, s), (n, q) in sorted(totals.items())],
-                "through": through,
-                "atThrough": sorted(at_through),
-            }
-            cur.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (_POSTED_TOTALS, json.dumps(data)),
-            )
-        return totals
+            _fold(cur, _PLANNED_TOTALS, "created_at", "")
+            return _fold(cur, _POSTED_TOTALS, "updated_at", "status='acked' AND ")
+
+    # ------------------------------------------------------------------ migration (issue 13)
+    def import_progress(
+        self,
+        runs: Sequence[tuple[str, int, int, bool]],
+        floor_at: datetime,
+        note: Mapping[str, Any],
+        now_at: datetime,
+    ) -> int:
+        """What the older Go agent billed (``slurm-tracker migrate state``), in ONE transaction:
+        per run (identity text, elapsed seconds billed, wall-clock end of the billed part as
+        epoch seconds, final), its progress; the billing floor and the high-water mark at
+        ``floor_at``; ``note`` (JSON) kept as meta ``migrated_from``.
+
+        Only into a state file that never billed: one with a floor, a high-water mark, progress
+        or outbox rows is refused (StateError), nothing written. Returns the runs recorded."""
+        self._writable()
+        now = _epoch(now_at)
+        with self._tx("record the migrated progress") as cur:
+            used = [
+                what
+                for what, sql in (
+                    ("a billing floor", "SELECT 1 FROM meta WHERE key='floor_at'"),
+                    ("a high-water mark", "SELECT 1 FROM meta WHERE key='high_water_at'"),
+                    ("a migration", "SELECT 1 FROM meta WHERE key='migrated_from'"),
+                    ("progress rows", "SELECT 1 FROM progress LIMIT 1"),
+                    ("outbox rows", "SELECT 1 FROM outbox LIMIT 1"),
+                )
+                if cur.execute(sql).fetchone() is not None
+            ]
+            if used:
+                raise StateError(
+                    f"state file {self.path} has already been used ({', '.join(used)}): the "
+                    "old agent's progress can only be carried into a state file before its "
+                    "first sync; nothing was written. Migrate into a new state file (--state)"
+                )
+            for run, seconds, end, final in runs:
+                cur.execute(
+                    """INSERT INTO progress (run, reported_s, last_end_at, final, updated_at)
+                       VALUES (?, ?, ?, ?, ?)""",
+                    (run, seconds, end, int(final), now),
+                )
+            for key, value in (
+                ("floor_at", str(_epoch(floor_at))),
+                ("high_water_at", str(_epoch(_not_after_clock(floor_at)))),
+                ("migrated_from", json.dumps(note, sort_keys=True)),
+            ):
+                cur.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+        return len(runs)
+
+    def migration(self) -> Optional[dict[str, Any]]:
+        """What ``import_progress`` noted (None when this file was not migrated)."""
+        text = self._meta("migrated_from")
+        if not text:
+            return None
+        try:
+            note = json.loads(text)
+        except ValueError:
+            return {}
+        return note if isinstance(note, dict) else {}
 
 
 _POSTED_TOTALS = "posted_totals"  # meta: cumulative acknowledged events, for the metrics
+_PLANNED_TOTALS = "planned_totals"  # meta: cumulative events planned into the outbox
+
+
+def _fold(
+    cur: sqlite3.Cursor, name: str, column: str, condition: str
+) -> dict[tuple[str, str], tuple[int, Decimal]]:
+    """Add the outbox rows (matching ``condition``) whose ``column`` time is at or after the
+    last fold's to the cumulative totals stored under ``name`` in meta."""
+    row = cur.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()
+    data = json.loads(row[0]) if row else {}
+    totals = {(a, s): (int(n), Decimal(q)) for a, s, n, q in data.get("totals", [])}
+    through = int(data.get("through", -1))
+    at_through = set(data.get("atThrough", []))
+    for key, allocation, sku, quantity, at in cur.execute(
+        f"SELECT event_key, allocation, sku, quantity, {column} FROM outbox "
+        f"WHERE {condition}{column} >= ? ORDER BY {column}",
+        (through,),
+    ).fetchall():
+        if at == through and key in at_through:
+            continue
+        if at > through:
+            through, at_through = at, set()
+        at_through.add(key)
+        n, q = totals.get((allocation, sku), (0, Decimal(0)))
+        totals[(allocation, sku)] = (n + 1, q + Decimal(quantity))
+    data = {
+        "totals": [[a, s, n, str(q)] for (a, s), (n, q) in sorted(totals.items())],
+        "through": through,
+        "atThrough": sorted(at_through),
+    }
+    cur.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (name, json.dumps(data)))
+    return totals
 
 
 def _not_after_clock(at: datetime) -> datetime:

@@ -81,19 +81,41 @@ def live_capture(rows: list[dict[str, str]]) -> bytes:
 
 FAKE_SACCT = '''#!{python}
 """A stand-in for sacct: prints the records of a saved capture (the agent's capture format)
-in the delimiter and with the fields the command line asks for, as sacct --parsable would."""
+in the delimiter and with the fields the command line asks for, as sacct --parsable would.
+Each call is appended to <capture>.calls; with <capture>.fail-after holding N, calls after the
+Nth fail as slurmdbd being down would; with <capture>.by-window present, only the runs that
+ran between --starttime and --endtime are printed (else every run, for every window)."""
+import os
 import sys
 
 args = sys.argv[1:]
+with open({capture!r} + ".calls", "a", encoding="utf-8") as calls:
+    calls.write(" ".join(args) + "\\n")
+if os.path.exists({capture!r} + ".fail-after"):
+    limit = int(open({capture!r} + ".fail-after").read())
+    if sum(1 for _ in open({capture!r} + ".calls")) > limit:
+        sys.stderr.write("sacct: error: Problem talking to the database: Connection refused\\n")
+        sys.exit(1)
 delimiter = next(a.split("=", 1)[1] for a in args if a.startswith("--delimiter="))
 fields = next(a.split("=", 1)[1] for a in args if a.startswith("--format=")).split(",")
 text = open({capture!r}, encoding="utf-8").read()
 head, _, body = text.partition("\\n")
 names = head.split("|#|")[:-1]
 out = [delimiter.join(fields) + delimiter]
+by_window = os.path.exists({capture!r} + ".by-window")
+if by_window:
+    import calendar, time
+    def epoch(text):
+        return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    start = epoch(args[args.index("--starttime") + 1])
+    end = epoch(args[args.index("--endtime") + 1])
 for chunk in body.split("|#|\\n"):
     if chunk.strip():
         row = dict(zip(names, chunk.split("|#|")))
+        if by_window and not (
+            int(row["Start"]) < end and (not row["End"].isdigit() or int(row["End"]) >= start)
+        ):
+            continue
         out.append(delimiter.join(row.get(f, "") for f in fields) + delimiter)
 sys.stdout.write("\\n".join(out) + "\\n")
 '''

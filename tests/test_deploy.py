@@ -294,7 +294,7 @@ def test_cron_line_keeps_the_exit_code_and_finds_sacct(
     assert _run_cron_line(fake_bin) == code
     lines = log.read_text().splitlines()
     assert lines[0].startswith("sleep ")
-    assert lines[1] == "argv sync -q --config /etc/slurm-tracker/config.yaml"
+    assert lines[1] == "argv sync -q --syslog --config /etc/slurm-tracker/config.yaml"
     variables, _, _ = _cron_file()
     assert lines[2] == f"PATH {fake_bin}:{variables['PATH']}"
     # Slurm's client (installed on the CI machine with the test cluster) is on cron's PATH

@@ -212,7 +212,8 @@ def test_metrics_parse_and_counters_only_grow(site: Site) -> None:
     first = site.metric_values()
     key = ("slurm_tracker_events_posted_total", (("allocation", "physics"), ("sku", "CPU_HOUR")))
     usage = ("slurm_tracker_usage_posted_total", key[1])
-    assert first[key] >= 1 and first[usage] > 0
+    planned = ("slurm_tracker_events_planned_total", key[1])
+    assert first[key] >= 1 and first[usage] > 0 and first[planned] == first[key]
     assert first[("slurm_tracker_last_sync_success", ())] == 1
     assert first[("slurm_tracker_last_sync_records_read", ())] >= 1
     assert ("slurm_tracker_outbox_events", (("status", "dead"),)) in first
@@ -225,6 +226,7 @@ def test_metrics_parse_and_counters_only_grow(site: Site) -> None:
     site.sync()
     second = site.metric_values()
     assert second[key] > first[key] and second[usage] > first[usage]
+    assert second[planned] == second[key]  # each planned event counted once, pruned or not
 
     site.break_sacct()  # a failed sync writes the file too; counters stay
     site.run("sync")
