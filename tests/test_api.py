@@ -1030,7 +1030,7 @@ def test_the_environment_proxy_and_ca_settings_are_read_once_and_kept(
     assert AllocationsClient(BASE, ORG, KEY).session.proxies == {}
     adapter = c.session.get_adapter(BASE)
     assert isinstance(adapter, requests.adapters.HTTPAdapter)
-    assert adapter._pool_maxsize >= api.MAX_REQUEST_THREADS  # no connection dropped when busy
+    assert adapter._pool_maxsize >= api.MAX_REQUEST_THREADS  # type: ignore[attr-defined]  # no connection dropped when busy
 
 
 def test_a_cookie_set_by_the_server_is_sent_back(
@@ -1047,7 +1047,7 @@ def test_a_cookie_set_by_the_server_is_sent_back(
     assert "Cookie" not in first.headers
     assert second.headers["Cookie"] == "lb=node-7"
     assert second.headers["Authorization"] == first.headers["Authorization"]
-    assert second.body == first.body and second.headers["Content-Length"] == str(len(first.body))
+    assert second.body == first.body and second.headers["Content-Length"] == str(len(first.body or b""))
 
 
 def test_request_threads_are_reused(rsps: responses.RequestsMock, rec: Recorder) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import responses
 
 from slurm_tracker import backfill
 from slurm_tracker.health import sync_history
@@ -19,7 +18,8 @@ from slurm_tracker.pipeline import Window
 from slurm_tracker.state import State
 from tests.conftest import shown
 from tests.factories import live_capture, write_fake_sacct
-from tests.test_cli import BASE, CONFIG, ROWS, USAGE, Api, run
+from tests.fake_api import BASE, FakeApi, serving
+from tests.test_cli import CONFIG, ROWS, run
 
 UTC = timezone.utc
 DAY = 86400
@@ -57,7 +57,7 @@ def site(tmp_path: Path) -> Path:
     return tmp_path
 
 
-class CountingApi(Api):
+class CountingApi(FakeApi):
     """The fake API, noting how many sacct calls were made before each POST."""
 
     def __init__(self, site: Path) -> None:
@@ -73,9 +73,7 @@ class CountingApi(Api):
 @pytest.fixture
 def api(site: Path) -> Any:
     fake = CountingApi(site)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add_callback(responses.POST, USAGE, callback=fake.post)
-        mock.add_callback(responses.GET, USAGE, callback=fake.list)
+    with serving(fake):
         yield fake
 
 
@@ -164,7 +162,7 @@ def test_a_backfill_delivers_each_chunk_before_reading_the_next(
     assert "1 records, 1 events; ETA" in lines[0] and "ETA" not in lines[3]
 
 
-def test_a_stopped_backfill_goes_on_from_its_next_chunk(site: Path, api: Api) -> None:
+def test_a_stopped_backfill_goes_on_from_its_next_chunk(site: Path, api: FakeApi) -> None:
     (site / "capture.txt.fail-after").write_text("2")  # slurmdbd goes away after two chunks
     first = four_days(site)
     assert first.exit_code == 75, shown(first)
@@ -183,7 +181,7 @@ def test_a_stopped_backfill_goes_on_from_its_next_chunk(site: Path, api: Api) ->
     assert third.exit_code == 0 and len(calls(site)) == 9 and len(api.events) == 4
 
 
-def test_a_backfill_stops_when_the_api_is_down_and_resumes(site: Path, api: Api) -> None:
+def test_a_backfill_stops_when_the_api_is_down_and_resumes(site: Path, api: FakeApi) -> None:
     api.mode = "down"
     first = four_days(site)
     assert first.exit_code == 75, shown(first)
@@ -195,7 +193,7 @@ def test_a_backfill_stops_when_the_api_is_down_and_resumes(site: Path, api: Api)
     assert len(calls(site)) == 4 and len(api.events) == 4
 
 
-def test_backfill_outcomes_are_recorded_apart_from_syncs(site: Path, api: Api) -> None:
+def test_backfill_outcomes_are_recorded_apart_from_syncs(site: Path, api: FakeApi) -> None:
     (site / "capture.txt.fail-after").write_text("0")
     failed = four_days(site)
     assert failed.exit_code == 75
@@ -210,7 +208,7 @@ def test_backfill_outcomes_are_recorded_apart_from_syncs(site: Path, api: Api) -
     assert not (site / "state.db.last-failure").exists()
 
 
-def test_the_end_of_a_backfill_is_capped_at_now_minus_the_lag(site: Path, api: Api) -> None:
+def test_the_end_of_a_backfill_is_capped_at_now_minus_the_lag(site: Path, api: FakeApi) -> None:
     future = at(int(time.time()) + 3 * DAY)
     result = run(site, "backfill", "--start", at(D0), "--end", future, "--chunk", "2d")
     assert result.exit_code == 0, shown(result)
@@ -220,7 +218,7 @@ def test_the_end_of_a_backfill_is_capped_at_now_minus_the_lag(site: Path, api: A
     assert all(start_of(c) < at(int(time.time())) for c in calls(site))
 
 
-def test_a_backfill_without_end_runs_to_now(site: Path, api: Api) -> None:
+def test_a_backfill_without_end_runs_to_now(site: Path, api: FakeApi) -> None:
     result = run(site, "backfill", "--start", at(D0), "--chunk", "3d", "--dry-run")
     assert result.exit_code == 0, shown(result)
     assert len(calls(site)) == 3 and "capped" not in result.stderr
@@ -247,6 +245,6 @@ def test_a_dry_backfill_of_a_saved_capture_runs_no_sacct(site: Path) -> None:
     assert not (site / "state.db").exists()
 
 
-def test_quiet_backfills_print_no_progress(site: Path, api: Api) -> None:
+def test_quiet_backfills_print_no_progress(site: Path, api: FakeApi) -> None:
     result = four_days(site, "-q")
     assert result.exit_code == 0 and "backfill chunk" not in result.stderr

@@ -7,25 +7,23 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-import requests
 import responses
-import urllib3
 from click.testing import Result
 
 from slurm_tracker.cli import main
 from slurm_tracker.state import State, StateLock
 from tests.conftest import cli_runner, shown
 from tests.factories import live_capture, write_fake_sacct
+from tests.fake_api import BASE, FakeApi, serving
 
 T = (int(time.time()) // 60 - 180) * 60  # three hours ago: live syncs bill the last day
-BASE = "https://api.test"
-USAGE = re.compile(re.escape(BASE) + r"/api/organizations/org/allocations/([^/]+)/usage")
 CONFIG = """
 cluster: box
 state_file: state.db
@@ -237,52 +235,13 @@ def test_lock_held_exits_75(site: Path) -> None:
     assert "in use by another slurm-tracker" in shown(result)
 
 
-class Api:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.mode = "ok"
-        self.posts = 0
-
-    def post(self, request: Any) -> tuple[int, dict[str, str], str]:
-        body = json.loads(request.body)
-        self.posts += 1
-        if self.mode == "down":
-            raise requests.exceptions.ConnectionError(
-                urllib3.exceptions.NewConnectionError(None, "refused")  # type: ignore[arg-type]
-            )
-        if self.mode == "poison" and body["metadata"]["jobId"] == "1000":
-            return 502, {}, "bad gateway"
-        if self.mode == "reject-gpu" and body["sku"] == "SLURM_GPU_HOUR":
-            return 400, {}, json.dumps({"error": True, "message": "SKU archived", "code": "x"})
-        self.events.append(body)
-        return 200, {}, json.dumps({"id": f"e{len(self.events)}", **body})
-
-    def list(self, request: Any) -> tuple[int, dict[str, str], str]:
-        needle = request.params.get("metadata", "").lower()
-        items = [
-            {"id": f"e{i + 1}", **e}
-            for i, e in enumerate(self.events)
-            if needle in json.dumps(e["metadata"]).lower()
-        ]
-        return (
-            200,
-            {},
-            json.dumps(
-                {"items": items, "total": len(items), "page": 1, "pageSize": 100, "totalPages": 1}
-            ),
-        )
-
-
 @pytest.fixture
-def api() -> Any:
-    fake = Api()
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add_callback(responses.POST, USAGE, callback=fake.post)
-        mock.add_callback(responses.GET, USAGE, callback=fake.list)
+def api() -> Iterator[FakeApi]:
+    with serving(FakeApi()) as fake:
         yield fake
 
 
-def test_sync_posts_once_then_converges(site: Path, api: Api) -> None:
+def test_sync_posts_once_then_converges(site: Path, api: FakeApi) -> None:
     first = run(site, "sync", "--output", "json")
     assert first.exit_code == 0, shown(first)
     summary = json.loads(first.stdout)
@@ -301,7 +260,7 @@ def test_sync_posts_once_then_converges(site: Path, api: Api) -> None:
     assert "secret-value" not in shown(first) + shown(again) + shown(status)
 
 
-def test_api_down_keeps_everything_pending_then_delivers(site: Path, api: Api) -> None:
+def test_api_down_keeps_everything_pending_then_delivers(site: Path, api: FakeApi) -> None:
     capture = (site / "capture.txt").read_bytes()
     (site / "capture.txt").write_bytes(live_capture([]))
     assert run(site, "sync").exit_code == 0  # the state file knows the API's record
@@ -317,7 +276,7 @@ def test_api_down_keeps_everything_pending_then_delivers(site: Path, api: Api) -
     assert len(api.events) == 3
 
 
-def test_rejected_event_is_dead_lettered_listed_and_retried(site: Path, api: Api) -> None:
+def test_rejected_event_is_dead_lettered_listed_and_retried(site: Path, api: FakeApi) -> None:
     api.mode = "reject-gpu"
     result = run(site, "sync")
     assert result.exit_code == 4
@@ -372,7 +331,7 @@ def test_backfill_dry_run_counts_a_run_seen_by_several_chunks_once(site: Path) -
     assert not (site / "state.db").exists()
 
 
-def test_backfill_posts_once_and_leaves_the_high_water_mark(site: Path, api: Api) -> None:
+def test_backfill_posts_once_and_leaves_the_high_water_mark(site: Path, api: FakeApi) -> None:
     result = run(
         site,
         "backfill",
@@ -443,7 +402,7 @@ def test_python_dash_m_runs_the_cli() -> None:
     assert done.stdout.startswith("slurm-tracker, version ")
 
 
-def test_an_unreachable_api_does_not_hold_the_sync(site: Path, api: Api) -> None:
+def test_an_unreachable_api_does_not_hold_the_sync(site: Path, api: FakeApi) -> None:
     many = [{**ROWS[0], "JobID": str(1000 + i)} for i in range(40)]
     (site / "capture.txt").write_bytes(live_capture(many))
     api.mode = "down"
@@ -453,7 +412,7 @@ def test_an_unreachable_api_does_not_hold_the_sync(site: Path, api: Api) -> None
     assert api.posts < 15  # three events fail in a row: the rest waits for the next run
 
 
-def test_dry_run_after_a_real_sync_shows_only_what_is_new(site: Path, api: Api) -> None:
+def test_dry_run_after_a_real_sync_shows_only_what_is_new(site: Path, api: FakeApi) -> None:
     running = {**ROWS[0], "End": "Unknown", "ElapsedRaw": "1200", "State": "RUNNING"}
     (site / "capture.txt").write_bytes(live_capture([running]))
     assert run(site, "sync").exit_code == 0
@@ -487,7 +446,7 @@ def test_corrupt_state_file_is_exit_3_with_a_hint(site: Path) -> None:
     assert "restore the latest backup" in shown(result)
 
 
-def test_one_event_the_api_keeps_failing_on_blocks_no_other(site: Path, api: Api) -> None:
+def test_one_event_the_api_keeps_failing_on_blocks_no_other(site: Path, api: FakeApi) -> None:
     rows = [{**ROWS[0], "JobID": str(1000 + i)} for i in range(6)]
     (site / "capture.txt").write_bytes(live_capture(rows))
     api.mode = "poison"

@@ -4,7 +4,7 @@ last-resort handler, and secrets.
 
 Runs as root (as CI does): other owners are made with ``os.chown``; a full disk and a read-only
 file system are a real small tmpfs mounted for the test. The sacct is a fake that serves
-``capture.txt`` (tests.factories); the API is ``responses`` (tests.test_cli.Api), or the
+``capture.txt`` (tests.factories); the API is ``responses`` (tests.fake_api), or the
 project's emulator for `catalog pull`.
 """
 
@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-import responses
 from click.testing import Result
 
 from slurm_tracker import pipeline, rating, report
@@ -36,7 +34,8 @@ from slurm_tracker.state import State
 from tests.conftest import cli_runner, shown
 from tests.emulator import DEFAULT_API_KEY, DEFAULT_CATALOG, Emulator
 from tests.factories import live_capture, write_fake_sacct
-from tests.test_cli import BASE, CONFIG, USAGE, Api, run
+from tests.fake_api import BASE, FakeApi, serving
+from tests.test_cli import CONFIG, run
 
 NOBODY = 65534
 #: Runs of the last hours of the REAL clock: live syncs check plausibility against it, and
@@ -107,40 +106,9 @@ def site(tmp_path: Path) -> Path:
     return tmp_path
 
 
-class Ledger(Api):
-    """The fake API of tests.test_cli, with a hook run after each accepted POST."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.after_post: Optional[Callable[[int], None]] = None
-
-    def post(self, request: Any) -> tuple[int, dict[str, str], str]:
-        answer = super().post(request)
-        if answer[0] == 200 and self.after_post is not None:
-            self.after_post(len(self.events))
-        return answer
-
-    def keys(self) -> list[str]:
-        return [e["metadata"]["eventKey"] for e in self.events]
-
-    def jobs(self) -> list[str]:
-        return sorted(e["metadata"]["jobId"] for e in self.events)
-
-    def assert_exactly_once(self) -> None:
-        twice = [k for k, n in Counter(self.keys()).items() if n > 1]
-        assert not twice, f"accepted twice: {twice}"
-        assert self.posts == len(self.events), "an event was POSTed again (no look-up)"
-
-    def quantity(self) -> float:
-        return sum(e["quantity"] for e in self.events)
-
-
 @pytest.fixture
-def api() -> Iterator[Ledger]:
-    fake = Ledger()
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add_callback(responses.POST, USAGE, callback=fake.post)
-        mock.add_callback(responses.GET, USAGE, callback=fake.list)
+def api() -> Iterator[FakeApi]:
+    with serving(FakeApi()) as fake:
         yield fake
 
 
@@ -166,7 +134,7 @@ def as_json(result: Result) -> Any:
 
 # ---------------------------------------------------------------------- 1. quarantine
 def test_a_poison_record_is_quarantined_listed_and_billed_once_slurmdbd_shows_it_sane(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     capture(site, [GOOD, POISON])
     first = ok(run(site, "sync", "--output", "json"))
@@ -227,7 +195,7 @@ def test_a_poison_record_is_quarantined_listed_and_billed_once_slurmdbd_shows_it
     ],
 )
 def test_each_kind_of_poison_record_is_quarantined_and_the_rest_billed(
-    site: Path, api: Ledger, poison: dict[str, str], reason: str
+    site: Path, api: FakeApi, poison: dict[str, str], reason: str
 ) -> None:
     capture(site, [GOOD, poison])
     summary = as_json(ok(run(site, "sync", "--output", "json")))
@@ -238,7 +206,7 @@ def test_each_kind_of_poison_record_is_quarantined_and_the_rest_billed(
     assert re.search(reason, listed[0]["reason"]), listed[0]["reason"]
 
 
-def test_a_poison_record_read_by_several_syncs_is_one_entry(site: Path, api: Ledger) -> None:
+def test_a_poison_record_read_by_several_syncs_is_one_entry(site: Path, api: FakeApi) -> None:
     capture(site, [GOOD, POISON])
     for _ in range(3):
         ok(run(site, "sync"))
@@ -250,7 +218,7 @@ def test_a_poison_record_read_by_several_syncs_is_one_entry(site: Path, api: Led
 
 
 def test_terminal_escapes_in_a_quarantined_record_are_printed_escaped(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     hostile = job("31\x1b[2J\x1b]0;owned\x07", JobIDRaw="31", AllocTRES="cpu=4\x1b[2J,node=1")
     capture(site, [GOOD, hostile])
@@ -267,7 +235,7 @@ def test_terminal_escapes_in_a_quarantined_record_are_printed_escaped(
 
 # ---------------------------------------------------------------------- 2. held events
 def test_an_event_above_hold_above_is_held_then_released_or_dropped(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     (site / "config.yaml").write_text(
         (site / "config.yaml").read_text() + "limits: {hold_above: 2}\n"
@@ -302,7 +270,7 @@ def test_an_event_above_hold_above_is_held_then_released_or_dropped(
 
 
 # ---------------------------------------------------------------------- 3. the clock
-def test_now_is_refused_for_a_live_sync(site: Path, api: Ledger) -> None:
+def test_now_is_refused_for_a_live_sync(site: Path, api: FakeApi) -> None:
     result = run(site, "sync", "--now", "2099-01-01T00:00:00Z")
     assert result.exit_code == 2
     assert "--now pins the clock" in shown(result)
@@ -340,7 +308,7 @@ def _mark(site: Path) -> Optional[datetime]:
 
 
 def test_a_high_water_mark_in_the_future_stops_the_sync_until_it_is_set_back(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     ok(run(site, "sync"))
     assert api.jobs() == ["11"]
@@ -380,7 +348,7 @@ def test_a_high_water_mark_in_the_future_stops_the_sync_until_it_is_set_back(
     api.assert_exactly_once()
 
 
-def test_set_mark_refuses_a_time_in_the_future(site: Path, api: Ledger) -> None:
+def test_set_mark_refuses_a_time_in_the_future(site: Path, api: FakeApi) -> None:
     ok(run(site, "sync"))
     before = _mark(site)
     result = run(site, "state", "set-mark", "2099-01-01T00:00:00Z", "--yes")
@@ -389,7 +357,7 @@ def test_set_mark_refuses_a_time_in_the_future(site: Path, api: Ledger) -> None:
 
 
 # ---------------------------------------------------------------------- 4. empty, foreign
-def _foreign(kind: str) -> Callable[[Path], None]:
+def _foreign(kind: str) -> Callable[[Path], object]:
     def sqlite_file(path: Path, *statements: str) -> None:
         path.unlink()
         conn = sqlite3.connect(path)
@@ -400,7 +368,7 @@ def _foreign(kind: str) -> Callable[[Path], None]:
         finally:
             conn.close()
 
-    makers: dict[str, Callable[[Path], None]] = {
+    makers: dict[str, Callable[[Path], object]] = {
         "empty": lambda p: p.write_bytes(b""),
         "not-sqlite": lambda p: p.write_bytes(b"not a database\n" * 300),
         "another-program": lambda p: sqlite_file(p, "CREATE TABLE notes (body TEXT)"),
@@ -425,7 +393,7 @@ def _foreign(kind: str) -> Callable[[Path], None]:
     ["empty", "not-sqlite", "another-program", "another-application-id", "newer-schema"],
 )
 def test_an_emptied_or_foreign_state_file_is_exit_3_and_bills_nothing_twice(
-    site: Path, api: Ledger, kind: str
+    site: Path, api: FakeApi, kind: str
 ) -> None:
     rows = [GOOD, job("12"), job("13")]
     capture(site, rows)
@@ -446,7 +414,7 @@ def test_an_emptied_or_foreign_state_file_is_exit_3_and_bills_nothing_twice(
 
 
 def test_a_missing_state_file_is_created_private_whatever_the_umask(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     path = site / "new" / "deeper" / "state.db"
     old = os.umask(0)
@@ -462,7 +430,7 @@ def test_a_missing_state_file_is_created_private_whatever_the_umask(
 
 
 # ---------------------------------------------------------------------- 5. unsafe files
-def test_a_state_directory_others_can_write_is_refused(site: Path, api: Ledger) -> None:
+def test_a_state_directory_others_can_write_is_refused(site: Path, api: FakeApi) -> None:
     folder = site / "shared"
     folder.mkdir()
     folder.chmod(0o777)
@@ -474,7 +442,7 @@ def test_a_state_directory_others_can_write_is_refused(site: Path, api: Ledger) 
 
 
 def test_an_existing_state_directory_made_writable_later_is_refused(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     folder = site / "var"
     path = folder / "state.db"
@@ -488,7 +456,7 @@ def test_an_existing_state_directory_made_writable_later_is_refused(
     assert api.jobs() == ["11"]
 
 
-def test_a_state_file_of_another_user_is_refused(site: Path, api: Ledger) -> None:
+def test_a_state_file_of_another_user_is_refused(site: Path, api: FakeApi) -> None:
     ok(run(site, "sync"))
     os.chown(site / "state.db", NOBODY, NOBODY)
     capture(site, [GOOD, job("12")])
@@ -499,7 +467,7 @@ def test_a_state_file_of_another_user_is_refused(site: Path, api: Ledger) -> Non
     assert api.jobs() == ["11"]
 
 
-def test_a_state_directory_of_another_user_is_refused(site: Path, api: Ledger) -> None:
+def test_a_state_directory_of_another_user_is_refused(site: Path, api: FakeApi) -> None:
     folder = site / "theirs"
     folder.mkdir(mode=0o700)
     os.chown(folder, NOBODY, NOBODY)
@@ -511,7 +479,7 @@ def test_a_state_directory_of_another_user_is_refused(site: Path, api: Ledger) -
 
 @pytest.mark.parametrize("command", [["sync"], ["check"], ["status"]])
 def test_a_config_file_others_can_write_is_refused(
-    site: Path, api: Ledger, command: list[str]
+    site: Path, api: FakeApi, command: list[str]
 ) -> None:
     (site / "config.yaml").chmod(0o666)
     result = run(site, *command)
@@ -679,7 +647,7 @@ NEW_RUNS = [job(str(100 + n), cpu=1 + n % 3, elapsed=600 * (n + 1)) for n in ran
 
 
 def test_a_disk_already_full_when_a_sync_starts_then_nothing_is_lost(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     with tmpfs(site / "fs") as fs:
         ok(run(site, "sync", "--state", _state(fs)))
@@ -700,7 +668,7 @@ def test_a_disk_already_full_when_a_sync_starts_then_nothing_is_lost(
 
 
 def test_a_disk_already_full_when_a_sync_starts_is_called_a_full_disk(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     # SQLite reports a -shm file it cannot grow as SQLITE_IOERR_SHMSIZE ("disk I/O error"):
     # the message must still tell the operator that the disk is full, not an I/O error
@@ -735,7 +703,7 @@ def test_catalog_pull_on_a_full_disk_is_temporary_and_leaves_nothing_behind(
         assert sorted(p.name for p in fs.iterdir()) == ["catalog.yaml"]
 
 
-def test_a_disk_filling_up_while_planning_loses_nothing(site: Path, api: Ledger) -> None:
+def test_a_disk_filling_up_while_planning_loses_nothing(site: Path, api: FakeApi) -> None:
     with tmpfs(site / "fs") as fs:
         ok(run(site, "sync", "--state", _state(fs)))
         capture(site, [GOOD, *NEW_RUNS])
@@ -758,7 +726,7 @@ def test_a_disk_filling_up_while_planning_loses_nothing(site: Path, api: Ledger)
 
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_disk_filling_up_while_delivering_loses_nothing_and_posts_nothing_twice(
-    site: Path, api: Ledger, concurrency: int
+    site: Path, api: FakeApi, concurrency: int
 ) -> None:
     edit_config(site, "max_retry_time: 1s}", f"max_retry_time: 1s, concurrency: {concurrency}}}")
     with tmpfs(site / "fs") as fs:
@@ -801,7 +769,7 @@ def test_a_disk_filling_up_while_delivering_loses_nothing_and_posts_nothing_twic
     api.assert_exactly_once()
 
 
-def test_a_read_only_file_system_is_temporary(site: Path, api: Ledger) -> None:
+def test_a_read_only_file_system_is_temporary(site: Path, api: FakeApi) -> None:
     with tmpfs(site / "fs") as fs:
         ok(run(site, "sync", "--state", _state(fs)))
         capture(site, [GOOD, *NEW_RUNS])
@@ -842,7 +810,7 @@ def test_an_unexpected_exception_is_one_line_and_exit_1(
 
 
 def test_an_unexpected_exception_after_delivery_is_exit_1_and_nothing_is_lost(
-    site: Path, api: Ledger, monkeypatch: pytest.MonkeyPatch
+    site: Path, api: FakeApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*_args: Any, **_kwargs: Any) -> str:
         raise RuntimeError("cannot render")
@@ -887,7 +855,7 @@ def test_a_key_pasted_into_a_config_field_is_not_echoed(site: Path) -> None:
     assert not leaked, shown(result)
 
 
-def test_sacct_gets_an_allow_listed_environment_never_the_api_key(site: Path, api: Ledger) -> None:
+def test_sacct_gets_an_allow_listed_environment_never_the_api_key(site: Path, api: FakeApi) -> None:
     dump = site / "sacct-env.json"
     wrap_sacct(site, dump=dump)
     env = {
@@ -919,7 +887,7 @@ def test_sacct_gets_an_allow_listed_environment_never_the_api_key(site: Path, ap
     ids=["private", "readable-by-others", "another-owner"],
 )
 def test_the_api_key_file_must_be_private_and_ours(
-    site: Path, api: Ledger, mode: int, owner: int, problem: str
+    site: Path, api: FakeApi, mode: int, owner: int, problem: str
 ) -> None:
     secret = "a2V5LWZpbGUtc2VjcmV0LTk4NzY1NDMyMQ"
     keyfile = site / "api-key"
@@ -950,7 +918,7 @@ def _at(epoch: int) -> str:
     return f"{datetime.fromtimestamp(epoch, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
 
 
-def _quarantine_three_days_ago(site: Path, api: Ledger) -> None:
+def _quarantine_three_days_ago(site: Path, api: FakeApi) -> None:
     # The agent went live four days ago (its billing floor), so three-day-old runs are billed.
     config = site / "config.yaml"
     text = config.read_text()
@@ -971,7 +939,7 @@ def _quarantine_three_days_ago(site: Path, api: Ledger) -> None:
 
 
 def test_a_quarantined_run_is_not_resolved_by_a_record_that_is_not_billed(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     # The sane record of run 22 is skipped ("ended before <pruned_before> ... may have been
     # billed already"), yet the quarantine entry is marked resolved: the run is neither billed
@@ -987,7 +955,7 @@ def test_a_quarantined_run_is_not_resolved_by_a_record_that_is_not_billed(
 
 
 def test_a_backfill_over_a_quarantined_runs_period_bills_it_once_fixed(
-    site: Path, api: Ledger
+    site: Path, api: FakeApi
 ) -> None:
     # README, "No record can stop a sync": "When slurmdbd later shows a sane record of the same
     # run (an admin fixed it with sacctmgr), the next sync or a backfill over its period bills

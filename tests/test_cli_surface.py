@@ -17,7 +17,8 @@ from slurm_tracker import manual
 from slurm_tracker.cli import main
 from tests.conftest import cli_runner, shown
 from tests.factories import live_capture, write_fake_sacct
-from tests.test_cli import BASE, CONFIG, ROWS, run
+from tests.fake_api import BASE
+from tests.test_cli import CONFIG, ROWS, run
 
 ROOT = click.Context(main, info_name="slurm-tracker")
 LEAVES = [

@@ -25,7 +25,7 @@ import requests
 import responses
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
+from jsonschema import Draft202012Validator, FormatChecker
 
 from slurm_tracker.api import AllocationsClient
 from slurm_tracker.delivery import deliver

@@ -339,7 +339,9 @@ def test_migration_from_schema_2_keeps_every_row(tmp_path: Path) -> None:
     assert {t: rows for t, rows in after.items() if t != "meta"} == {
         t: rows for t, rows in before.items() if t != "meta"
     }
-    assert dict(after["meta"]) == {**dict(before["meta"]), "schema_version": "3"}
+    meta_after = {row[0]: row[1] for row in after["meta"]}
+    meta_before = {row[0]: row[1] for row in before["meta"]}
+    assert meta_after == {**meta_before, "schema_version": "3"}
     names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
     assert {"corrections", "corrections_status", "quarantine", "outbox_status"} <= names
     with pytest.raises(sqlite3.IntegrityError):

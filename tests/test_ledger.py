@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -134,7 +135,7 @@ def billed_seconds(emulator: Emulator) -> dict[str, int]:
 
 
 @pytest.fixture
-def emulator() -> Emulator:
+def emulator() -> Iterator[Emulator]:
     with Emulator() as running:
         yield running
 

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import responses
 
 from slurm_tracker import logs
 from tests.conftest import shown
 from tests.factories import live_capture, write_fake_sacct
-from tests.test_cli import BASE, CONFIG, ROWS, USAGE, Api, run
+from tests.fake_api import BASE, FakeApi, serving
+from tests.test_cli import CONFIG, ROWS, run
 
 log = logging.getLogger("slurm_tracker.test")
 
@@ -153,10 +153,8 @@ def test_without_a_syslog_socket_it_says_so_and_goes_on(
 
 # ------------------------------------------------------------------ the command line
 def test_a_sync_logs_one_summary_line(site: Path) -> None:
-    fake = Api()
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add_callback(responses.POST, USAGE, callback=fake.post)
-        mock.add_callback(responses.GET, USAGE, callback=fake.list)
+    fake = FakeApi()
+    with serving(fake):
         result = run(site, "sync", "--log-format", "json")
     assert result.exit_code == 0, shown(result)
     summaries = [
@@ -180,11 +178,9 @@ def test_a_failing_command_writes_its_error_as_json(site: Path) -> None:
 
 
 def test_dead_events_are_summarised_in_one_warning(site: Path) -> None:
-    fake = Api()
+    fake = FakeApi()
     fake.mode = "reject-gpu"
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add_callback(responses.POST, USAGE, callback=fake.post)
-        mock.add_callback(responses.GET, USAGE, callback=fake.list)
+    with serving(fake):
         result = run(site, "sync")
         verbose = run(site, "outbox", "list", "--status", "dead", "--output", "json")
     assert result.exit_code == 4, shown(result)

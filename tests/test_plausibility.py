@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 
-from slurm_tracker import pipeline
+from slurm_tracker import events, pipeline
 from slurm_tracker.config import Limits, config_from_text
 from slurm_tracker.models import JobRecord, ParseResult, Tres
 from slurm_tracker.plausibility import implausible
@@ -124,7 +124,7 @@ def test_a_poison_record_is_rejected_and_the_rest_is_billed(name: str) -> None:
 def test_an_unexpected_failure_in_one_record_is_a_rejection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = pipeline.plan
+    real = events.plan
 
     def explode(segments, *args, **kwargs):  # type: ignore[no-untyped-def]
         if segments[0].record.job_id == "7":

@@ -9,8 +9,6 @@ a few clean syncs bill every run exactly (DESIGN.md invariants 1, 2, 4 and 5).
 from __future__ import annotations
 
 import io
-import json
-import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -20,9 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
 
-import requests
 import responses
-import urllib3
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -38,8 +34,8 @@ from slurm_tracker.api import AllocationsClient
 from slurm_tracker.config import config_from_text
 from slurm_tracker.state import OutboxUpdate, State
 from tests.factories import live_capture
+from tests.fake_api import BASE, USAGE, FakeApi
 
-BASE = "https://api.test"
 T0 = datetime(2026, 1, 31, 20, 0, tzinfo=timezone.utc)  # a month boundary comes soon
 CONFIG = """
 cluster: box
@@ -119,82 +115,6 @@ class Run:
         return Decimal(self.cpu if metric == "cpu" else self.gpu) * self.elapsed_s / 3600
 
 
-class FakeApi:
-    """Accepts usage events like the platform; misbehaves as scripted."""
-
-    def __init__(self) -> None:
-        self.accepted: dict[str, dict[str, Any]] = {}  # id -> event
-        self.keys_seen: list[str] = []
-        self.faults: list[str] = []
-
-    def _next_fault(self) -> str:
-        return self.faults.pop(0) if self.faults else "ok"
-
-    def _commit(self, body: dict[str, Any]) -> dict[str, Any]:
-        event_id = f"evt-{len(self.accepted) + 1}"
-        self.accepted[event_id] = body
-        self.keys_seen.append(body["metadata"]["eventKey"])
-        return {"id": event_id, **body}
-
-    def post(self, request: Any) -> tuple[int, dict[str, str], str]:
-        body = json.loads(request.body)
-        fault = self._next_fault()
-        if fault == "refused":
-            raise requests.exceptions.ConnectionError(
-                urllib3.exceptions.NewConnectionError(None, "Connection refused")  # type: ignore[arg-type]
-            )
-        if fault == "429":
-            return 429, {"Retry-After": "0"}, json.dumps({"error": True, "message": "slow down"})
-        if fault == "400":
-            return 400, {}, json.dumps({"error": True, "message": "unknown sku", "code": "bad"})
-        if fault == "503":
-            return 503, {}, "busy"
-        created = self._commit(body)
-        if fault == "commit+503":
-            return 503, {}, "proxy error"
-        if fault == "commit+timeout":
-            raise requests.exceptions.ReadTimeout("read timed out")
-        if fault == "commit+reset":
-            raise requests.exceptions.ConnectionError(ConnectionResetError(104, "reset"))
-        return 200, {}, json.dumps(created)
-
-    def list(self, request: Any) -> tuple[int, dict[str, str], str]:
-        query = request.params
-        needle = str(query.get("metadata", "")).lower()
-        items = [
-            {"id": i, "usageEventId": i, "metadata": e["metadata"], "quantity": e["quantity"]}
-            for i, e in self.accepted.items()
-            if needle in json.dumps(e["metadata"]).lower()
-        ]
-        size = int(query.get("pageSize", 100))
-        page = int(query.get("page", 1))
-        chunk = items[(page - 1) * size : page * size]
-        pages = max(1, -(-len(items) // size))
-        return (
-            200,
-            {},
-            json.dumps(
-                {
-                    "items": chunk,
-                    "total": len(items),
-                    "page": page,
-                    "pageSize": size,
-                    "totalPages": pages,
-                }
-            ),
-        )
-
-    def billed(self) -> dict[tuple[str, str], Decimal]:
-        sums: dict[tuple[str, str], Decimal] = {}
-        for event in self.accepted.values():
-            meta = event["metadata"]
-            submitted = datetime.fromisoformat(meta["submittedAt"].replace("Z", "+00:00"))
-            run = f"{meta['cluster']}:{meta['jobIdRaw']}:{int(submitted.timestamp())}"
-            key = (run, meta["metric"])
-            sums[key] = sums.get(key, Decimal(0)) + Decimal(str(event["quantity"]))
-        return sums
-
-
 class CrashingState(State):
     """A state file whose process dies at one chosen point of the next sync."""
 
@@ -231,9 +151,8 @@ class SyncMachine(RuleBasedStateMachine):
         self.next_id = 100
         self.mock = responses.RequestsMock(assert_all_requests_are_fired=False)
         self.mock.start()
-        usage = re.compile(re.escape(BASE) + r"/api/organizations/org/allocations/[^/]+/usage")
-        self.mock.add_callback(responses.POST, usage, callback=self.api.post)
-        self.mock.add_callback(responses.GET, usage, callback=self.api.list)
+        self.mock.add_callback(responses.POST, USAGE, callback=self.api.post)
+        self.mock.add_callback(responses.GET, USAGE, callback=self.api.list_usage)
 
     def teardown(self) -> None:
         self.mock.stop()
@@ -347,7 +266,7 @@ class SyncMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ the invariants
     @invariant()
     def no_event_key_accepted_twice(self) -> None:
-        assert len(self.api.keys_seen) == len(set(self.api.keys_seen))
+        assert len(self.api.keys()) == len(set(self.api.keys()))
 
     @invariant()
     def never_billed_more_than_measured(self) -> None:
@@ -378,7 +297,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.sync()
         self.sync()
         billed = self.api.billed()
-        events = len(self.api.accepted)
+        events = len(self.api.events)
         for run in self.runs:
             mapped = run.account != "unmapped-lab"
             for metric in ("cpu", "gpu"):

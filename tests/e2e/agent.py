@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from tests.e2e import cluster
 from tests.emulator import DEFAULT_API_KEY, Emulator, StoredEvent
@@ -182,7 +182,7 @@ class Agent:
             raise AssertionError(
                 f"`slurm-tracker {command}` hung for {COMMAND_TIMEOUT_S}s\n{err}"
             ) from None
-        done = Done(tuple(map(str, proc.args)), proc.returncode, out, err)
+        done = Done(tuple(map(str, cast(Sequence[str], proc.args))), proc.returncode, out, err)
         assert done.returncode in expect, f"expected exit {sorted(expect)}: {done}"
         return done
 
@@ -227,7 +227,7 @@ def kill(proc: subprocess.Popen[str]) -> Done:
     assert proc.poll() is None, "the agent ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=30)
-    return Done(tuple(map(str, proc.args)), proc.returncode, out, err)
+    return Done(tuple(map(str, cast(Sequence[str], proc.args))), proc.returncode, out, err)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:

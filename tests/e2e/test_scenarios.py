@@ -454,9 +454,11 @@ def test_dry_run_shows_exactly_the_unreported_usage_and_changes_nothing(
     shown = dry_events(agent.dry_run(), truth)
     assert agent.state_files() == files, "the dry run changed the state directory"
     assert len(emulator.requests()) == requests, "the dry run talked to the API"
-    seen = {e.event_key for e in emulator.events()}
+    seen = {str(e.event_key) for e in emulator.events()}
     assert agent.sync().json()["outcome"] == "ok"
-    posted = {e.event_key: e for e in mine(emulator.events(), truth) if e.event_key not in seen}
+    posted = {
+        str(e.event_key): e for e in mine(emulator.events(), truth) if e.event_key not in seen
+    }
     assert sorted(shown) == sorted(posted)
     for key, event in posted.items():
         dry = shown[key]
