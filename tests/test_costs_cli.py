@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from decimal import Decimal
 from pathlib import Path
@@ -14,7 +15,7 @@ from slurm_tracker.cli import main
 from slurm_tracker.config import ResourcePrices, config_from_text
 from slurm_tracker.errors import ConfigError
 from tests.conftest import cli_runner, shown
-from tests.test_costs_steps import live, row
+from tests.test_costs_steps import E0, live, row
 
 CONFIG = """\
 cluster: box
@@ -89,6 +90,66 @@ def test_empty_capture_and_period_without_jobs(setup: Path) -> None:
     result = run(setup)
     assert result.exit_code == 0, shown(result)
     assert "(no job ran in this period)" in result.stdout
+
+
+BEFORE = {"Start": str(E0 - 7200), "End": str(E0 - 3600), "ElapsedRaw": "3600"}
+AT_START = {"End": str(E0), "ElapsedRaw": "0"}
+NEVER = {"Start": "Unknown", "End": "Unknown", "ElapsedRaw": "0"}
+BAD_INPUT = {  # the issue's list: what sacct gives, and the utilisation (CPU, memory) expected
+    "period-without-jobs": (
+        [row("5", **BEFORE), row("5.batch", **BEFORE, TotalCPU="00:10:00", MaxRSS="1G")],
+        None,
+    ),
+    "pending-never-started": (
+        [row("6", **NEVER, State="PENDING", NodeList="None assigned", AllocTRES="")],
+        None,
+    ),
+    "run-without-steps": ([row("7", TotalCPU="")], (None, None)),
+    "run-without-steps-own-total-cpu": ([row("7", TotalCPU="02:00:00")], (0.5, None)),
+    "missing-maxrss-and-totalcpu": (
+        [row("8", TotalCPU=""), row("8.batch", TotalCPU="", MaxRSS="")],
+        (None, None),
+    ),
+    "zero-length-run": (
+        [row("9", **AT_START), row("9.batch", **AT_START, TotalCPU="00:00:00", MaxRSS="0")],
+        (None, None),
+    ),
+}
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} in the JSON report")
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gives_clear_figures_in_every_output(setup: Path, case: str) -> None:
+    rows, utilisation = BAD_INPUT[case]
+    (setup / "capture.txt").write_bytes(live(rows, "|"))
+    outputs = {}
+    for output in ("table", "json", "csv", "html"):
+        result = run(setup, "--output", output)
+        assert result.exit_code == 0, shown(result)
+        assert "Traceback" not in shown(result) and "rror" not in result.stderr
+        outputs[output] = result.stdout
+    data = json.loads(outputs["json"], parse_constant=_no_constant)  # no NaN, no Infinity
+    assert data["rejected"] == 0
+    table = outputs["table"]
+    if utilisation is None:  # nothing ran in the period: no row, idle nodes still cost
+        assert data["rows"] == [] and data["totals"]["runs"] == 0
+        assert "(no job ran in this period)" in table
+        assert "No job ran in this period." in outputs["html"]
+        assert data["totals"]["unallocatedCost"] == 16
+    else:
+        (only,) = data["rows"]
+        assert (only["cpuUtilization"], only["memUtilization"]) == utilisation
+        line = next(x for x in table.splitlines() if x.startswith("physics"))
+        shown_util = [c for c in line.split() if c == "n/a" or c.endswith("%")]
+        expected = [f"{u:.0%}" if u is not None else "n/a" for u in utilisation]
+        assert shown_util == [*expected, "n/a"]  # CPU, memory, GPU (no GPU: unknown)
+    assert data["totals"]["grandTotalCost"] == pytest.approx(16)  # 2 nodes x 4/h x 2 h
+    for output in ("csv", "html", "table"):
+        assert not re.search(r"\b(nan|inf|infinity)\b", outputs[output], re.IGNORECASE), output
+    assert ET.fromstring(outputs["html"]).tag == "html"
 
 
 def test_bad_periods_are_usage_errors(setup: Path) -> None:

@@ -11,6 +11,7 @@ client installed; elsewhere the tests that need them skip with the reason (in CI
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import shutil
@@ -514,3 +515,22 @@ def test_a_bad_credential_is_refused_without_echoing_it(
 def test_a_relative_credentials_directory_is_refused() -> None:
     with pytest.raises(errors.ConfigError, match="not an absolute path"):
         load_api_key(None, {"CREDENTIALS_DIRECTORY": "credentials", "PW_API_KEY": KEY})
+
+
+def test_the_package_ships_every_subpackage() -> None:
+    # `pip install .` (the README's quick start) builds a wheel from pyproject's package list:
+    # a sub-package left out of it works in the editable dev install and fails in production
+    found = re.search(
+        r"\[tool\.setuptools\.packages\.find\]\ninclude = \[([^]]*)\]",
+        (REPO / "pyproject.toml").read_text(),
+    )
+    assert found, "pyproject.toml: [tool.setuptools.packages.find] include = [...] expected"
+    include = re.findall(r'"([^"]+)"', found.group(1))
+    present = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for p in (REPO / "slurm_tracker").rglob("__init__.py")
+    }
+    # setuptools' find matches each package name against the patterns (fnmatch)
+    left_out = sorted(p for p in present if not any(fnmatch.fnmatch(p, i) for i in include))
+    assert not left_out, f"left out of the wheel: {left_out}"
+    assert "slurm_tracker.costs" in present
