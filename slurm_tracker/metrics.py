@@ -1,8 +1,9 @@
 """Prometheus metrics in the node_exporter textfile format (``monitoring.metrics_file``).
 
 Written atomically (0644) after every sync, success or failure, whenever the state can be
-read. The posted-event and usage counters come from cumulative totals kept in the state's
-meta table (State.fold_posted_totals), so pruning acknowledged events never lowers them.
+read. The planned, posted-event and usage counters come from cumulative totals the state
+keeps as events are stored and acknowledged (State.posted_totals, State.planned_totals), so
+pruning acknowledged events never lowers them.
 """
 
 from __future__ import annotations
@@ -161,11 +162,10 @@ def render(
 
 
 def write_metrics(path: Path, store: State, now_at: datetime) -> None:
-    """Fold the posted totals and write the file. Best effort: a problem is logged as a
-    warning, never raised (a sync's own outcome and exit code come first)."""
+    """Write the file. Best effort: a problem is logged as a warning, never raised (a sync's
+    own outcome and exit code come first)."""
     try:
-        totals = store.fold_posted_totals() if not store.readonly else store.posted_totals()
-        text = render(store, store.path, now_at, totals, store.planned_totals())
+        text = render(store, store.path, now_at, store.posted_totals(), store.planned_totals())
         write_atomically(path, text.encode(), mode=0o644)
     except (TrackerError, OSError, ValueError) as exc:
         log.warning("could not write the metrics file %s: %s", path, exc)

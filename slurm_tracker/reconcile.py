@@ -800,8 +800,9 @@ def examine(
 
 
 def outbox_status(store: State) -> dict[str, str]:
-    """Every event key of the state's outbox, with its status."""
-    return {row.event_key: row.status for row in store.outbox()}
+    """Every event key of the state's outbox, with its status (acknowledged events are kept
+    about an hour: State.prune)."""
+    return store.outbox_statuses()
 
 
 # ------------------------------------------------------------------------------ output

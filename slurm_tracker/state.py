@@ -10,6 +10,17 @@ an operator releases it), ``sending`` (an attempt may be in flight: its outcome 
 the event key is looked up), ``acked`` (the API has it), ``dead`` (the API refused it
 permanently; an admin retries or drops it), ``dropped`` (an admin gave it up).
 
+Kept small in steady state (schema version 4): an acknowledged row drops its request body (the
+API has it; nothing sends it again) and keeps its key, allocation, SKU, quantity, times and the
+API's id; acknowledged rows are deleted an hour after the last comparison with the API's record
+(``ledger_checked_at``: the next comparison reads the keys of events created since then). What
+outlives them is counted as they are acknowledged: cumulative totals per (allocation, SKU) for
+the metrics (``totals``) and per hour for ``status`` (``acked_hours``, 31 days). The per-run
+progress (a table WITHOUT ROWID: its key stored once) is what keeps billing exactly once; it is
+pruned once no window can return a run. New files use ``auto_vacuum=INCREMENTAL``; a file made
+by an older version is VACUUMed once when migrated (under the lock), and a prune that leaves
+more than a quarter of the file free gives the free pages back.
+
 The file is trusted with what was billed, so it is opened like ssh's StrictModes would (see
 ``files``): no links, a regular file of ours in a directory only we (or root) can change. Only
 a MISSING file is created (atomically, complete with its schema); one that exists but is empty,
@@ -32,6 +43,7 @@ import sqlite3
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,11 +59,12 @@ from slurm_tracker.models import PlannedEvent, RunKey
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x534C5452  # "SLTR" in the SQLite header: this file is a slurm-tracker state
 STATUSES = ("pending", "held", "sending", "acked", "dead", "dropped")
 QUARANTINE_TEXT_MAX = 1000  # characters kept of a quarantined record's text and reason
 
+_PROGRESS_COLUMNS = "run, reported_s, last_end_at, final, updated_at"
 _OUTBOX_COLUMNS = (
     "event_key, allocation, sku, quantity, started_at, ended_at, body, status, attempts, "
     "outcome_unknown, last_error, event_id, created_at, updated_at"
@@ -64,6 +77,21 @@ _CORRECTION_COLUMNS = (
     "note, first_seen_at, last_seen_at, times_seen, updated_at, resolved_at"
 )
 CORRECTION_STATUSES = ("open", "applied", "dismissed")
+RECORD_RETENTION_S = 30 * 86400  # dropped events and resolved quarantine entries: kept this long
+HOURS_KEPT = 31 * 24  # hours of acknowledged totals kept for `status` (its last 30 days)
+VACUUM_FREE_SHARE = 4  # a prune leaving more than 1/4 of the pages free gives them back
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # the -wal file is truncated to this after a checkpoint
+
+
+#: An acknowledgement: the row is written again without its request body (the API has it),
+#: at the end of the table (a new rowid; REPLACE deletes the old row), so that acknowledged
+#: rows lie packed together and the pages of the bodies they had empty out whole and are reused
+#: (a row shrunk in place would leave its page two thirds empty until it is pruned).
+_ACK = f"""INSERT OR REPLACE INTO outbox ({_OUTBOX_COLUMNS})
+    SELECT event_key, allocation, sku, quantity, started_at, ended_at, '', 'acked',
+           max(0, attempts + ?), max(outcome_unknown, ?), '', coalesce(?, event_id),
+           created_at, ?
+    FROM outbox WHERE event_key=?"""
 
 
 def _outbox_ddl(table: str, statuses: Sequence[str]) -> str:
@@ -147,11 +175,46 @@ _MIGRATIONS: Mapping[int, Sequence[str]] = {
         )""",
         "CREATE INDEX corrections_status ON corrections (status, first_seen_at)",
     ),
+    4: (
+        # progress WITHOUT ROWID: the run's text is stored once (not again in an index)
+        """CREATE TABLE progress_v4 (
+            run TEXT PRIMARY KEY,          -- cluster:jobidraw:submit-epoch
+            reported_s INTEGER NOT NULL,   -- elapsed seconds billed so far
+            last_end_at INTEGER NOT NULL,  -- wall-clock end of the last billed segment (epoch)
+            final INTEGER NOT NULL,        -- the run has ended and is fully billed
+            updated_at INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        f"INSERT INTO progress_v4 ({_PROGRESS_COLUMNS}) SELECT {_PROGRESS_COLUMNS} FROM progress",
+        "DROP TABLE progress",
+        "ALTER TABLE progress_v4 RENAME TO progress",
+        "CREATE INDEX progress_pruning ON progress (last_end_at) WHERE final=1",
+        "CREATE INDEX outbox_settled ON outbox (status, updated_at)",
+        """CREATE TABLE totals (           -- cumulative, never lowered (the metrics' counters)
+            kind TEXT NOT NULL CHECK (kind IN ('planned', 'posted')),
+            allocation TEXT NOT NULL,
+            sku TEXT NOT NULL,
+            events INTEGER NOT NULL,
+            quantity TEXT NOT NULL,        -- decimal text
+            PRIMARY KEY (kind, allocation, sku)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE acked_hours (      -- acknowledged per hour (`status`), HOURS_KEPT of them
+            hour INTEGER NOT NULL,         -- epoch seconds // 3600 of the acknowledgement
+            allocation TEXT NOT NULL,
+            sku TEXT NOT NULL,
+            events INTEGER NOT NULL,
+            quantity TEXT NOT NULL,        -- decimal text
+            PRIMARY KEY (hour, allocation, sku)
+        ) WITHOUT ROWID""",
+    ),
 }
 _TABLES: Mapping[int, frozenset[str]] = {
     1: frozenset({"meta", "progress", "outbox", "syncs"}),
     2: frozenset({"meta", "progress", "outbox", "syncs", "quarantine"}),
     3: frozenset({"meta", "progress", "outbox", "syncs", "quarantine", "corrections"}),
+    4: frozenset(
+        {"meta", "progress", "outbox", "syncs", "quarantine", "corrections", "totals"}
+        | {"acked_hours"}
+    ),
 }
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
@@ -577,6 +640,7 @@ class State:
                     os.fchmod(fd, 0o600)  # through the descriptor: never a link's target
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
+                conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
                 state._migrate()
             except BaseException:
                 conn.close()
@@ -600,6 +664,7 @@ class State:
             try:
                 conn.isolation_level = None
                 conn.execute("PRAGMA synchronous=FULL")  # the commit reaches the disk
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before any table exists
                 cls(conn, path, readonly=False)._migrate()
             finally:
                 conn.close()
@@ -664,7 +729,14 @@ class State:
         self.close()
 
     def _migrate(self) -> None:
-        """Bring a file of ours (or a new one) to SCHEMA_VERSION, in one transaction."""
+        """Bring a file of ours (or a new one) to SCHEMA_VERSION, in one transaction.
+
+        A file of an older version is then VACUUMed once, outside that transaction (the caller
+        holds the lock), so that it takes ``auto_vacuum=INCREMENTAL`` (it only takes effect on
+        a new file or through a VACUUM) and gives back what the migration freed. A VACUUM that
+        fails (it needs free space about the size of the file) is only a warning: the file is
+        migrated and works; it just does not shrink until a VACUUM succeeds (see README).
+        """
         with self._tx("migrate it") as cur:
             tables = {
                 n for (n,) in cur.execute("SELECT name FROM sqlite_master WHERE type='table'")
@@ -676,6 +748,8 @@ class State:
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for sql in _MIGRATIONS[step]:
                     cur.execute(sql)
+                if step == 4:
+                    _carry_counts(cur, int(time.time()))
             cur.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             cur.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -684,6 +758,26 @@ class State:
         if 0 < version < SCHEMA_VERSION:
             log.info("state file %s migrated to schema version %d", self.path, SCHEMA_VERSION)
         self._schema = SCHEMA_VERSION
+        if 0 < version < 4 and not self.readonly:
+            self._vacuum_once()
+
+    def _vacuum_once(self) -> None:
+        """VACUUM into ``auto_vacuum=INCREMENTAL`` (after a migration from version 3 or older)."""
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._conn.execute("VACUUM")
+            except sqlite3.Error as exc:
+                if _is_bug(exc):
+                    raise
+                log.warning(
+                    "state file %s: migrated, but it could not be compacted (VACUUM: %s); it "
+                    "works as it is and keeps its size: run `sqlite3 %s 'PRAGMA "
+                    "auto_vacuum=INCREMENTAL; VACUUM'` once while no sync runs to shrink it",
+                    self.path,
+                    exc,
+                    self.path,
+                )
 
     @contextmanager
     def _guard(self, doing: str) -> Iterator[None]:
@@ -854,6 +948,7 @@ class State:
         entries = {e.key: e for e in quarantine}  # one sighting per key and plan
         mark = None if high_water_at is None else _not_after_clock(high_water_at)
         added = 0
+        planned: list[tuple[str, str, str]] = []
         with self._tx("store the plan") as cur:
             for event, body in zip(events, bodies):
                 cur.execute(
@@ -873,7 +968,10 @@ class State:
                         now,
                     ),
                 )
-                added += cur.rowcount
+                if cur.rowcount:
+                    added += 1
+                    planned.append((event.allocation, event.sku, str(event.quantity)))
+            _add(cur, "totals", ("kind", "planned"), _counted(planned))
             for run, (seconds, end, final) in progress.items():
                 cur.execute(
                     """INSERT INTO progress (run, reported_s, last_end_at, final, updated_at)
@@ -979,7 +1077,7 @@ class State:
             quantity=Decimal(r[3]),
             started_at=started,
             ended_at=ended,
-            body=json.loads(r[6]),
+            body=json.loads(r[6]) if r[6] else {},  # '' once acknowledged (compacted)
             status=r[7],
             attempts=r[8],
             outcome_unknown=bool(r[9]),
@@ -1021,29 +1119,39 @@ class State:
         if not updates:
             return
         now = _epoch(now_at)
-        with self._tx(f"record the outcome of {len(updates)} events") as cur:
-            cur.executemany(
-                """UPDATE outbox SET status=?, event_id=coalesce(?, event_id),
-                     last_error=coalesce(?, last_error),
-                     outcome_unknown=max(outcome_unknown, ?),
-                     attempts=max(0, attempts + ?), updated_at=?
-                   WHERE event_key=?""",
-                [
+        doing = (
+            f"record the outcome of event {updates[0].event_key}"
+            if len(updates) == 1
+            else f"record the outcome of {len(updates)} events"
+        )
+        with self._tx(doing) as cur:
+            _count_acked(cur, [u.event_key for u in updates if u.status == "acked"], now)
+            for u in updates:
+                if u.status == "acked":
+                    cur.execute(
+                        _ACK, (u.extra, int(u.outcome_unknown), u.event_id, now, u.event_key)
+                    )
+                    continue
+                cur.execute(
+                    """UPDATE outbox SET status=?, event_id=coalesce(?, event_id),
+                         last_error=coalesce(?, last_error),
+                         outcome_unknown=max(outcome_unknown, ?),
+                         attempts=max(0, attempts + ?), updated_at=?
+                       WHERE event_key=?""",
                     (
                         u.status,
                         u.event_id,
-                        "" if u.status == "acked" else u.error,
+                        u.error,
                         int(u.outcome_unknown),
                         u.extra,
                         now,
                         u.event_key,
-                    )
-                    for u in updates
-                ],
-            )
+                    ),
+                )
 
     def mark_acked(self, key: str, event_id: Optional[str], now_at: datetime) -> None:
-        self._set(key, now_at, "status='acked', event_id=?, last_error=''", (event_id,))
+        """Acknowledged: counted (totals), and its request body dropped (not needed again)."""
+        self.record_outcomes([OutboxUpdate(key, "acked", event_id=event_id)], now_at)
 
     def mark_dead(self, key: str, error: str, now_at: datetime) -> None:
         self._set(key, now_at, "status='dead', last_error=?", (error,))
@@ -1110,6 +1218,8 @@ class State:
                    VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)""",
                 (new_key, allocation, sku, row[0], row[1], row[2], text, now, now),
             )
+            if cur.rowcount:
+                _add(cur, "totals", ("kind", "planned"), _counted([(allocation, sku, row[0])]))
             cur.execute(
                 "UPDATE outbox SET status='dropped', last_error=?, updated_at=? WHERE event_key=?",
                 (f"replanned as {new_key}", now, key),
@@ -1122,6 +1232,8 @@ class State:
         self._writable()
         marks = ",".join("?" for _ in from_)
         sql = f"UPDATE outbox SET status=?, updated_at=? WHERE status IN ({marks})"
+        if to == "pending":  # a row acknowledged once (then deleted on the API) has no body
+            sql += " AND body != ''"
         with self._tx(f"move events to {to}") as cur:
             if keys is None:
                 cur.execute(sql, (to, _epoch(now_at), *from_))
@@ -1204,20 +1316,14 @@ class State:
         self._writable()
         now = _epoch(now_at)
         added = 0
+        counted: list[tuple[str, str, str]] = []
         with self._tx("adopt the API's events") as cur:
             for event in events:
-                body = {
-                    "sku": event.sku,
-                    "quantity": float(event.quantity),
-                    "startedAt": _iso(event.started_at),
-                    "endedAt": _iso(event.ended_at),
-                    "metadata": {"eventKey": event.key, "adopted": True},
-                }
                 cur.execute(
                     """INSERT OR IGNORE INTO outbox (event_key, allocation, sku, quantity,
                        started_at, ended_at, body, status, event_id, last_error, created_at,
                        updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, 'acked', ?, ?, ?, ?)""",
+                       VALUES (?, ?, ?, ?, ?, ?, '', 'acked', ?, ?, ?, ?)""",
                     (
                         event.key,
                         event.allocation,
@@ -1225,14 +1331,15 @@ class State:
                         str(event.quantity),
                         _epoch(event.started_at),
                         _epoch(event.ended_at),
-                        json.dumps(body, sort_keys=True),
                         event.event_id,
                         "adopted: found on the API, posted by an earlier state or agent",
                         now,
                         now,
                     ),
                 )
-                added += cur.rowcount
+                if cur.rowcount:
+                    added += 1
+                    counted.append((event.allocation, event.sku, str(event.quantity)))
                 cur.execute(
                     """INSERT INTO progress (run, reported_s, last_end_at, final, updated_at)
                        VALUES (?, ?, ?, 0, ?)
@@ -1247,6 +1354,10 @@ class State:
                    ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
                 (str(_epoch(checked_at)),),
             )
+            counts = _counted(counted)  # adopted rows count as planned and acknowledged
+            _add(cur, "totals", ("kind", "planned"), counts)
+            _add(cur, "totals", ("kind", "posted"), counts)
+            _add(cur, "acked_hours", ("hour", now // 3600), counts)
         return added
 
     # ------------------------------------------------------------------ quarantine
@@ -1276,19 +1387,33 @@ class State:
 
     # ------------------------------------------------------------------ housekeeping
     def prune(self, now_at: datetime, overlap_s: int, retention_s: int) -> tuple[int, int]:
-        """Forget final runs that no future window can return, old acknowledged events and
-        old resolved quarantine entries.
+        """Forget final runs that no future window can return, acknowledged events no longer
+        needed, old dropped events and resolved quarantine entries; give free space back.
 
-        A final run is kept while it could still appear in a window (ended after the high-water
-        mark minus the overlap, with a day to spare). Returns (progress rows, outbox rows).
+        A final run is kept while it could still appear in a window: it ended after the
+        high-water mark minus the overlap, with a day to spare. Without a mark (only saved
+        sacct files were read: they have no window) no progress is forgotten: a file may hold
+        any run, and one that ended before a horizon and was never billed would be skipped as
+        forgotten (the sync state machine's conservation check finds exactly that).
+
+        An acknowledged event is kept ``retention_s`` after its acknowledgement, counted from
+        the last comparison with the API's record when that is older (it reads the keys of the
+        events created since: ledger.check). It was counted when acknowledged (``totals``,
+        ``acked_hours``), so deleting it lowers no total. Dropped events and resolved
+        quarantine entries are kept RECORD_RETENTION_S (or ``retention_s`` if longer).
+        Returns (progress rows, outbox rows) deleted.
         """
         self._writable()
-        high = self.high_water_at()
+        now = _epoch(now_at)
+        checked = self._meta("ledger_checked_at")
+        acked_before = min(now, int(checked) if checked else now) - retention_s
+        record_before = now - max(retention_s, RECORD_RETENTION_S)
         removed_runs = 0
-        before = _epoch(now_at) - retention_s
         with self._tx("prune it") as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key='high_water_at'").fetchone()
+            high = None if row is None else int(row[0])
             if high is not None:
-                horizon = _epoch(high - timedelta(seconds=overlap_s) - timedelta(days=1))
+                horizon = high - overlap_s - 86400
                 cur.execute("DELETE FROM progress WHERE final=1 AND last_end_at < ?", (horizon,))
                 removed_runs = cur.rowcount
                 if removed_runs:
@@ -1299,15 +1424,39 @@ class State:
                         (str(horizon),),
                     )
             cur.execute(
-                "DELETE FROM outbox WHERE status IN ('acked', 'dropped') AND updated_at < ?",
-                (before,),
+                "DELETE FROM outbox WHERE status='acked' AND updated_at < ?", (acked_before,)
             )
             removed_events = cur.rowcount
             cur.execute(
-                "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND resolved_at < ?",
-                (before,),
+                "DELETE FROM outbox WHERE status='dropped' AND updated_at < ?", (record_before,)
             )
+            removed_events += cur.rowcount
+            cur.execute(
+                "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND resolved_at < ?",
+                (record_before,),
+            )
+            cur.execute("DELETE FROM acked_hours WHERE hour < ?", (now // 3600 - HOURS_KEPT,))
+        self._give_back_free_pages()
         return removed_runs, removed_events
+
+    def _give_back_free_pages(self) -> None:
+        """With auto_vacuum=INCREMENTAL, free pages beyond a quarter of the file go back to the
+        file system (below that they are kept for the next syncs' rows: no churn)."""
+        with self._guard("compact it"), self._lock:
+            (mode,) = self._conn.execute("PRAGMA auto_vacuum").fetchone()
+            (free,) = self._conn.execute("PRAGMA freelist_count").fetchone()
+            (pages,) = self._conn.execute("PRAGMA page_count").fetchone()
+            if mode == 2 and free * VACUUM_FREE_SHARE > pages:
+                # executescript steps the pragma to its end (execute frees only one page)
+                self._conn.executescript(f"PRAGMA incremental_vacuum({int(free)});")
+
+    def size(self) -> dict[str, int]:
+        """The file's size in bytes (``file``: pages in use and free, ``free``: free pages)."""
+        with self._guard("read it"), self._lock:
+            (page,) = self._conn.execute("PRAGMA page_size").fetchone()
+            (pages,) = self._conn.execute("PRAGMA page_count").fetchone()
+            (free,) = self._conn.execute("PRAGMA freelist_count").fetchone()
+        return {"file": int(page * pages), "free": int(page * free)}
 
     def record_sync(
         self, started_at: datetime, finished_at: datetime, outcome: str, summary: Mapping[str, Any]
@@ -1341,14 +1490,23 @@ class State:
         return counts
 
     def totals_since(self, since_at: datetime) -> list[tuple[str, str, Decimal, int]]:
-        """Acknowledged quantity per allocation and SKU for events acked since ``since_at``."""
+        """Acknowledged quantity and events per allocation and SKU since ``since_at``, to the
+        hour (the hour holding ``since_at`` counts whole), over the last HOURS_KEPT hours."""
+        if self._schema < 4:  # an older file opened read-only: from its acknowledged rows
+            rows = self._query(
+                "SELECT allocation, sku, 1, quantity FROM outbox "
+                "WHERE status='acked' AND updated_at>=?",
+                (_epoch(since_at),),
+            )
+        else:
+            rows = self._query(
+                "SELECT allocation, sku, events, quantity FROM acked_hours WHERE hour >= ?",
+                (_epoch(since_at) // 3600,),
+            )
         sums: dict[tuple[str, str], tuple[Decimal, int]] = {}
-        for allocation, sku, quantity in self._query(
-            "SELECT allocation, sku, quantity FROM outbox WHERE status='acked' AND updated_at>=?",
-            (_epoch(since_at),),
-        ):
+        for allocation, sku, events, quantity in rows:
             q, n = sums.get((allocation, sku), (Decimal(0), 0))
-            sums[(allocation, sku)] = (q + Decimal(quantity), n + 1)
+            sums[(allocation, sku)] = (q + Decimal(quantity), n + int(events))
         return [(a, s, q, n) for (a, s), (q, n) in sorted(sums.items())]
 
     def mark_deleted(self, keys: Iterable[str], reason: str, now_at: datetime) -> int:
@@ -1563,9 +1721,9 @@ class State:
         ]
 
     def posted_totals(self) -> dict[tuple[str, str], tuple[int, Decimal]]:
-        """Cumulative (events, quantity) acknowledged per (allocation, SKU), as last folded by
-        fold_posted_totals: never lowered by pruning."""
-        return self._folded(_POSTED_TOTALS)
+        """Cumulative (events, quantity) acknowledged per (allocation, SKU), counted as they
+        are acknowledged: never lowered by pruning."""
+        return self._totals("posted", _POSTED_TOTALS)
 
     def waiting_by_sku(self) -> dict[tuple[str, str, str], int]:
         """Undelivered events per (status, allocation, SKU): pending, sending, held, dead."""
@@ -1576,27 +1734,23 @@ class State:
         return {(status, a, s): n for status, a, s, n in rows}
 
     def planned_totals(self) -> dict[tuple[str, str], tuple[int, Decimal]]:
-        """Cumulative (events, quantity) planned into the outbox per (allocation, SKU), as last
-        folded by fold_posted_totals."""
-        return self._folded(_PLANNED_TOTALS)
+        """Cumulative (events, quantity) planned into the outbox per (allocation, SKU), counted
+        as they are stored."""
+        return self._totals("planned", _PLANNED_TOTALS)
 
-    def _folded(self, name: str) -> dict[tuple[str, str], tuple[int, Decimal]]:
-        text = self._meta(name)
-        data = json.loads(text) if text else {"totals": []}
-        return {(a, s): (int(n), Decimal(q)) for a, s, n, q in data["totals"]}
+    def _totals(self, kind: str, older_name: str) -> dict[tuple[str, str], tuple[int, Decimal]]:
+        if self._schema < 4:  # an older file opened read-only: as its last fold left them
+            text = self._meta(older_name)
+            data = json.loads(text) if text else {"totals": []}
+            return {(a, s): (int(n), Decimal(q)) for a, s, n, q in data["totals"]}
+        rows = self._query(
+            "SELECT allocation, sku, events, quantity FROM totals WHERE kind=?", (kind,)
+        )
+        return {(a, s): (int(n), Decimal(q)) for a, s, n, q in rows}
 
-    def fold_posted_totals(self) -> dict[tuple[str, str], tuple[int, Decimal]]:
-        """Add the events acknowledged (and planned) since the last fold to the cumulative
-        totals (meta), in one transaction, and return the acknowledged ones.
-
-        Each fold remembers the latest time it counted (acknowledgement, or creation) and the
-        keys of that second; rows are pruned only after 30 days, long after the next fold, so
-        each event is counted once and pruning never lowers a total.
-        """
-        self._writable()
-        with self._tx("count the posted events") as cur:
-            _fold(cur, _PLANNED_TOTALS, "created_at", "")
-            return _fold(cur, _POSTED_TOTALS, "updated_at", "status='acked' AND ")
+    def outbox_statuses(self) -> dict[str, str]:
+        """Every event key of the outbox with its status (no bodies read)."""
+        return dict(self._query("SELECT event_key, status FROM outbox"))
 
     # ------------------------------------------------------------------ migration (issue 13)
     def import_progress(
@@ -1659,15 +1813,16 @@ class State:
         return note if isinstance(note, dict) else {}
 
 
-_POSTED_TOTALS = "posted_totals"  # meta: cumulative acknowledged events, for the metrics
-_PLANNED_TOTALS = "planned_totals"  # meta: cumulative events planned into the outbox
+_POSTED_TOTALS = "posted_totals"  # meta (version 3): cumulative acknowledged events, folded
+_PLANNED_TOTALS = "planned_totals"  # meta (version 3): cumulative events planned, folded
 
 
 def _fold(
     cur: sqlite3.Cursor, name: str, column: str, condition: str
 ) -> dict[tuple[str, str], tuple[int, Decimal]]:
     """Add the outbox rows (matching ``condition``) whose ``column`` time is at or after the
-    last fold's to the cumulative totals stored under ``name`` in meta."""
+    last fold's to the cumulative totals stored under ``name`` in meta (how version 3 kept
+    them; used once, by the migration to version 4)."""
     row = cur.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()
     data = json.loads(row[0]) if row else {}
     totals = {(a, s): (int(n), Decimal(q)) for a, s, n, q in data.get("totals", [])}
@@ -1692,6 +1847,74 @@ def _fold(
     }
     cur.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (name, json.dumps(data)))
     return totals
+
+
+Counts = dict[tuple[str, str], tuple[int, Decimal]]
+
+
+def _counted(rows: Iterable[tuple[str, str, str]]) -> Counts:
+    """(events, quantity) per (allocation, SKU) of rows (allocation, SKU, decimal text)."""
+    counts: Counts = {}
+    for allocation, sku, quantity in rows:
+        n, q = counts.get((allocation, sku), (0, Decimal(0)))
+        counts[(allocation, sku)] = (n + 1, q + Decimal(quantity))
+    return counts
+
+
+def _add(cur: sqlite3.Cursor, table: str, first: tuple[str, Any], counts: Counts) -> None:
+    """Add ``counts`` to the rows of ``table`` (totals or acked_hours) whose first key column
+    (``first``: name, value) has that value."""
+    column, value = first
+    for (allocation, sku), (added, quantity) in sorted(counts.items()):
+        row = cur.execute(
+            f"SELECT events, quantity FROM {table} WHERE {column}=? AND allocation=? AND sku=?",
+            (value, allocation, sku),
+        ).fetchone()
+        n, q = (0, Decimal(0)) if row is None else (int(row[0]), Decimal(row[1]))
+        cur.execute(
+            f"INSERT OR REPLACE INTO {table} ({column}, allocation, sku, events, quantity) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (value, allocation, sku, n + added, str(q + quantity)),
+        )
+
+
+def _count_acked(cur: sqlite3.Cursor, keys: Collection[str], now: int) -> None:
+    """Count the rows of ``keys`` not acknowledged yet (about to be) as posted, now."""
+    rows: list[tuple[str, str, str]] = []
+    wanted = list(keys)
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i : i + 500]
+        marks = ",".join("?" for _ in chunk)
+        rows += cur.execute(
+            f"SELECT allocation, sku, quantity FROM outbox WHERE event_key IN ({marks}) "
+            "AND status != 'acked'",
+            chunk,
+        ).fetchall()
+    if rows:
+        counts = _counted(rows)
+        _add(cur, "totals", ("kind", "posted"), counts)
+        _add(cur, "acked_hours", ("hour", now // 3600), counts)
+
+
+def _carry_counts(cur: sqlite3.Cursor, now: int) -> None:
+    """Migration to version 4: the cumulative totals that version 3 folded into meta (folded
+    once more, so that rows since the last fold count) move to ``totals``; the acknowledged
+    rows of the last HOURS_KEPT hours fill ``acked_hours``."""
+    for name, kind, column, condition in (
+        (_PLANNED_TOTALS, "planned", "created_at", ""),
+        (_POSTED_TOTALS, "posted", "updated_at", "status='acked' AND "),
+    ):
+        _add(cur, "totals", ("kind", kind), _fold(cur, name, column, condition))
+        cur.execute("DELETE FROM meta WHERE key=?", (name,))
+    hours: dict[int, list[tuple[str, str, str]]] = {}
+    for at, allocation, sku, quantity in cur.execute(
+        "SELECT updated_at, allocation, sku, quantity FROM outbox "
+        "WHERE status='acked' AND updated_at >= ?",
+        (now - HOURS_KEPT * 3600,),
+    ).fetchall():
+        hours.setdefault(at // 3600, []).append((allocation, sku, quantity))
+    for hour, rows in hours.items():
+        _add(cur, "acked_hours", ("hour", hour), _counted(rows))
 
 
 def _not_after_clock(at: datetime) -> datetime:

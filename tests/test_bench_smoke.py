@@ -66,3 +66,32 @@ def test_the_emulator_delays_every_api_answer_by_its_latency() -> None:
         assert waits.held == [0.02, 0.02]
     with pytest.raises(ValueError, match="latency"):
         Emulator(latency_s=-1)
+
+
+def test_the_state_benchmark_runs() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_state.py",
+            *("--known", "3000", "--running", "200", "--finished", "100", "--short", "10"),
+            *("--accounts", "5", "--scale", "0.5", "--days", "0.25"),
+        ],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = done.stdout[done.stdout.index("figure") :].splitlines()
+    assert table[0].split() == ["figure", "measured", "target", "unit", "ratio"]
+    figures = {line[:34].strip(): line[34:].split() for line in table[1:]}
+    assert set(figures) == {
+        "steady-state sync, state work",
+        "steady-state file per tracked run",
+        "month: file per tracked run",
+    }
+    for measured, target, _unit, ratio in figures.values():
+        assert float(measured.replace(",", "")) > 0 and float(target.replace(",", "")) > 0
+        assert float(ratio) >= 0
+    assert "72 syncs over 0.25 days" in done.stdout

@@ -333,7 +333,7 @@ def test_migration_from_schema_2_keeps_every_row(tmp_path: Path) -> None:
     with State.open(path) as store:
         commit(store, seen())
         assert store.correction_count() == 1
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     conn = sqlite3.connect(path)
     after = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in before}
     assert {t: rows for t, rows in after.items() if t != "meta"} == {
@@ -341,7 +341,7 @@ def test_migration_from_schema_2_keeps_every_row(tmp_path: Path) -> None:
     }
     meta_after = {row[0]: row[1] for row in after["meta"]}
     meta_before = {row[0]: row[1] for row in before["meta"]}
-    assert meta_after == {**meta_before, "schema_version": "3"}
+    assert meta_after == {**meta_before, "schema_version": "4"}
     names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
     assert {"corrections", "corrections_status", "quarantine", "outbox_status"} <= names
     with pytest.raises(sqlite3.IntegrityError):

@@ -304,7 +304,7 @@ def test_migration_from_schema_1_keeps_every_row(tmp_path: Path) -> None:
         assert set(before[table]) < set(after[table])
         assert len(after[table]) == len(before[table]) + 1
     assert after["syncs"] == before["syncs"]
-    assert dict(after["meta"])["schema_version"] == str(SCHEMA_VERSION) == "3"
+    assert dict(after["meta"])["schema_version"] == str(SCHEMA_VERSION) == "4"
     assert {k: v for k, v in after["meta"] if k != "schema_version"} == {
         k: v for k, v in before["meta"] if k != "schema_version"
     }

@@ -457,6 +457,26 @@ def _pages(path: Path) -> tuple[int, set[int]]:
     return size, meta
 
 
+def _data_pages(path: Path) -> set[int]:
+    """The pages of every table and index but the schema and the meta table (never the
+    pointer-map pages of an auto_vacuum file either: dbstat does not list them)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        pages = {
+            page
+            for (page,) in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name NOT IN ('sqlite_schema', 'sqlite_master') "
+                "AND name NOT IN "
+                "(SELECT name FROM sqlite_master WHERE tbl_name='meta')"
+            )
+        }
+    except sqlite3.OperationalError:
+        pytest.skip("this SQLite has no dbstat table to find the outbox's pages")
+    finally:
+        conn.close()
+    return pages
+
+
 def _damage(path: Path, pages: Iterable[int], size: int) -> None:
     """Overwrite 64 bytes of each page (its cell pointers, after the page header)."""
     with open(path, "r+b") as f:
@@ -472,10 +492,10 @@ def test_damaged_pages_are_a_state_error_and_are_listed(tmp_path: Path) -> None:
         for event in events[:50]:
             store.mark_acked(event.event_key, "evt", NOW - timedelta(days=60))
         assert store.integrity_problems() == []
-    size, meta = _pages(path)
-    count = path.stat().st_size // size
-    assert count > 20  # the outbox spans many pages
-    _damage(path, (p for p in range(2, count + 1) if p not in meta), size)
+    size, _ = _pages(path)
+    pages = _data_pages(path)
+    assert len(pages) > 20  # the outbox spans many pages
+    _damage(path, pages, size)
     with State.open(path) as store:  # the header and meta are intact: it opens...
         problems = store.integrity_problems()
         assert any("page" in p for p in problems), problems
