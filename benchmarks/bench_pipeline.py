@@ -1,24 +1,34 @@
-"""Throughput and memory of the read side: parse + plan of a large sacct capture.
+"""Throughput and memory of the read side: `sync --dry-run --sacct-file` on a large capture.
 
 Prints figures; asserts nothing (these machines are shared and noisy). Run:
 
-    python benchmarks/bench_pipeline.py [RECORDS]
+    python benchmarks/bench_pipeline.py [ROWS ...] [--output table json] [--stages]
 
-It builds sacct output as the live query gets it (a fresh random delimiter; a month of a busy
-cluster: RECORDS job runs, a tenth of them still running), then times parse_live (the strict
-live reader), parse_sacct (the saved-file reader, on the same records in the capture format)
-and plan_usage with the plausibility checks, each also as a ratio to a floor measured in the
-same run (a bare ``split`` of every line of the same output), and measures the peak Python
-memory of the live read and the plan with tracemalloc.
+For each ROWS (default 100000) it writes a synthetic saved capture as `sacct --parsable2`
+writes it (a header, ``|`` between fields, naive ISO times; 200 accounts of which 190 are
+mapped, 3 partitions, a tenth of the runs still running, a month of a busy cluster with a rate
+change of the GPU SKU in the window: about 1.9 events per row), then runs the real CLI
+(``python -m slurm_tracker sync --dry-run --sacct-file FILE --output table|json``) in a
+subprocess, measuring its wall time and its peak RSS (``wait4``), and a floor in the same run:
+a bare Python pass reading the same file and splitting every line at ``|``. It prints rows/s,
+peak RSS, and the ratio to the floor next to the targets of issue 10 (>= 100k rows/s, <= 3x
+the floor, <= 200 MB peak RSS, flat in ROWS).
+
+``--stages`` also times the stages in this process on the live format (parse_live, the saved
+reader, plan_usage), as ratios to the floor, with tracemalloc's peak.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +43,191 @@ from tests.factories import live_capture
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = int(datetime(2026, 3, 1, tzinfo=timezone.utc).timestamp())
+
+#: The synthetic month: 2026-06-10 .. 2026-07-10, the GPU rate changing on 2026-06-25, a month
+#: boundary on 2026-07-01; the dry run's clock just after it.
+MONTH_AT = datetime(2026, 6, 10, tzinfo=timezone.utc)
+NOW = "2026-07-12T00:00:00Z"
+ACCOUNTS = 200
+MAPPED = 190
+FIELDS = (
+    "JobID", "JobIDRaw", "Cluster", "Account", "Partition", "User", "QOS", "Submit", "Start",
+    "End", "ElapsedRaw", "State", "AllocTRES", "NNodes", "JobName",
+)  # fmt: skip
+
+TARGET_ROWS_S = 100_000
+TARGET_RATIO = 3.0
+TARGET_RSS_MB = 200
+
+
+def config_text(state: Path) -> str:
+    """A config billing the synthetic cluster: 190 of its 200 accounts mapped, 3 partitions
+    (one of them two SKUs), and an inline catalog whose GPU rate changes inside the month."""
+    accounts = "\n".join(f"    acct{i:03d}: alloc-{i % 50:02d}" for i in range(MAPPED))
+    return f"""\
+cluster: synth
+state_file: {state}
+reporting_interval: 15m
+api:
+  organization: bench
+sacct:
+  lag: 2m
+  overlap: 1h
+accounts:
+  map:
+{accounts}
+partitions:
+  map:
+    compute: SLURM_CPU_HOUR
+    gpu:
+      - {{sku: SLURM_GPU_HOUR, metric: gpu}}
+      - {{sku: SLURM_CPU_HOUR, metric: cpu}}
+    bigmem: {{sku: SLURM_MEM_HOUR, metric: mem}}
+metadata:
+  fields: [qos]
+catalog:
+  units:
+    - name: core-hours
+      ratedInUsd: false
+      skus:
+        - code: SLURM_CPU_HOUR
+          rules: [{{effectiveFrom: "2026-01-01T00:00:00Z", effectiveTo: null, rate: 1}}]
+        - code: SLURM_MEM_HOUR
+          rules: [{{effectiveFrom: "2026-01-01T00:00:00Z", effectiveTo: null, rate: 0.25}}]
+    - name: usd
+      ratedInUsd: true
+      rules: [{{effectiveFrom: "2026-01-01T00:00:00Z", effectiveTo: null, rate: 1}}]
+      skus:
+        - code: SLURM_GPU_HOUR
+          rules:
+            - effectiveFrom: "2026-01-01T00:00:00Z"
+              effectiveTo: "2026-06-25T00:00:00Z"
+              rate: 2.5
+            - {{effectiveFrom: "2026-06-25T00:00:00Z", effectiveTo: null, rate: 2.0}}
+"""
+
+
+def _iso(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def write_capture(path: Path, rows: int, seed: int = 42) -> None:
+    """``rows`` allocation records of a month, as `sacct --parsable2` prints them."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8", newline="\n") as out:
+        out.write("|".join(FIELDS) + "\n")
+        for i in range(rows):
+            submit = MONTH_AT + timedelta(seconds=rng.randrange(0, 30 * 86400))
+            start = submit + timedelta(seconds=rng.randrange(0, 600))
+            elapsed = rng.randrange(60, 2 * 86400)
+            running = rng.random() < 0.1
+            partition = rng.choice(("compute", "gpu", "gpu", "bigmem"))
+            cpus = rng.choice((1, 4, 8, 16, 32))
+            tres = f"billing={cpus},cpu={cpus},mem={cpus * 4}G,node=1"
+            if partition == "gpu":
+                gpus = rng.choice((1, 2, 4))
+                tres += f",gres/gpu:a100={gpus},gres/gpu={gpus}"
+            job = str(1_000_000 + i)
+            out.write(
+                "|".join(
+                    (
+                        job,
+                        job,
+                        "synth",
+                        f"acct{rng.randrange(ACCOUNTS):03d}",
+                        partition,
+                        f"user{rng.randrange(500):03d}",
+                        "normal",
+                        _iso(submit),
+                        _iso(start),
+                        "Unknown" if running else _iso(start + timedelta(seconds=elapsed)),
+                        str(elapsed),
+                        "RUNNING" if running else "COMPLETED",
+                        tres,
+                        "1",
+                        f"job-{i % 997}",
+                    )
+                )
+                + "\n"
+            )
+
+
+def floor_pass(path: Path) -> tuple[float, int]:
+    """The floor: a bare Python pass reading the file and splitting every line at ``|`` (the
+    best of three, the file in the page cache as for the agent)."""
+    best = float("inf")
+    rows = 0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        rows = 0
+        with path.open("r", encoding="utf-8") as f:
+            for line in f:
+                rows += len(line.split("|")) > 1
+        best = min(best, time.perf_counter() - t0)
+    return best, rows
+
+
+def run_cli(config: Path, capture: Path, output: str) -> tuple[float, float, int]:
+    """(seconds, peak RSS in MiB, bytes printed) of one dry run through the real CLI."""
+    with tempfile.TemporaryFile() as sink:
+        t0 = time.perf_counter()
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "slurm_tracker",
+                "sync",
+                "--config",
+                str(config),
+                "--dry-run",
+                "--sacct-file",
+                str(capture),
+                "--now",
+                NOW,
+                "--output",
+                output,
+            ],
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.PIPE,
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - t0
+        child.returncode = os.waitstatus_to_exitcode(status)
+        errors = child.stderr.read().decode() if child.stderr else ""
+        if child.stderr:
+            child.stderr.close()
+        if child.returncode != 0:
+            raise SystemExit(f"the dry run failed (exit {child.returncode}): {errors[-2000:]}")
+        size = sink.seek(0, os.SEEK_END)
+    return seconds, usage.ru_maxrss / 1024, size  # ru_maxrss: KiB on Linux
+
+
+def cli_table(sizes: list[int], outputs: list[str]) -> None:
+    print(
+        f"{'rows':>9} {'output':>6} {'agent s':>8} {'rows/s':>9} {'peak RSS':>9} "
+        f"{'floor s':>8} {'x floor':>8} {'out MB':>7}   targets: >= {TARGET_ROWS_S:,} rows/s, "
+        f"<= {TARGET_RATIO:g}x floor, <= {TARGET_RSS_MB} MB"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(config_text(Path(tmp) / "state.db"), encoding="utf-8")
+        for rows in sizes:
+            capture = Path(tmp) / f"capture-{rows}.txt"
+            write_capture(capture, rows)
+            for output in outputs:
+                floor_s, _ = floor_pass(capture)
+                seconds, rss, size = run_cli(config, capture, output)
+                print(
+                    f"{rows:>9,} {output:>6} {seconds:>8.2f} {rows / seconds:>9,.0f} "
+                    f"{rss:>6.0f} MB {floor_s:>8.3f} {seconds / floor_s:>7.1f}x "
+                    f"{size / 1e6:>7.1f}",
+                    flush=True,
+                )
+            capture.unlink()
+
+
+# --- the stages in this process (--stages) --------------------------------------------------
 
 
 def capture(n: int) -> bytes:
@@ -70,8 +265,7 @@ def run(
     return t1 - t0, t2 - t1, len(plan.events)
 
 
-def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+def stages(n: int) -> None:
     data = capture(n)
     delimiter = new_delimiter()
     live = data.replace(CAPTURE_DELIMITER.encode(), delimiter.encode())
@@ -106,6 +300,20 @@ def main() -> None:
     print(f"events planned   {events:>12,}")
     print(f"peak memory      {peak / 2**20:>12.1f} MiB {peak / n:>10,.0f} bytes/record")
     print(f"memory / input   {peak / len(data):>12.1f} x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", nargs="*", type=int, default=[100_000], help="rows per capture")
+    parser.add_argument(
+        "--output", nargs="+", default=["table", "json"], choices=["table", "json", "csv"]
+    )
+    parser.add_argument("--stages", action="store_true", help="also time the stages in-process")
+    args = parser.parse_args()
+    cli_table(args.rows, args.output)
+    if args.stages:
+        print()
+        stages(args.rows[0])
 
 
 if __name__ == "__main__":

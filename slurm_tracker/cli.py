@@ -15,10 +15,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Optional, TypeVar, cast
+from typing import Any, Optional, TypeVar, Union, cast
 
 import click
 from dateutil import parser as dateparser
@@ -313,15 +313,26 @@ def _input_options(func: F) -> F:
 
 
 def _show_plan(
-    plan: pipeline.Plan, window: Optional[pipeline.Window], source: str, output: str, verbose: int
+    plans: Union[pipeline.Plan, Iterable[pipeline.Plan]],
+    window: Optional[pipeline.Window],
+    source: str,
+    output: str,
+    verbose: int,
 ) -> None:
-    totals = pipeline.totals(plan.events)
-    doc = report.plan_json(plan, totals, window)
-    _emit(
-        output,
-        doc["events"] if output == "csv" else doc,
-        lambda: report.plan_text(plan, totals, window, source=source, verbose=verbose > 0),
-    )
+    """Print a plan (or the plans of an input's batches, consumed as they come): JSON and the
+    table are written batch by batch in bounded memory; CSV (whose columns are known at the
+    end only) and -v (every event and skip) hold the whole plan."""
+    if isinstance(plans, pipeline.Plan):
+        plans = [plans]
+    if output == "json":
+        report.write_plan_json(plans, window, sys.stdout)
+        sys.stdout.flush()
+        return
+    summary = report.summarize(plans, verbose=verbose > 0 or output == "csv")
+    if output != "csv":
+        click.echo(report.summary_text(summary, window, source=source))
+        return
+    click.echo(report.csv_text([report.event_json(e) for e in summary.all_events]), nl=False)
 
 
 @main.command()
@@ -376,26 +387,18 @@ def sync(
     stdin = sys.stdin.buffer
     if dry_run:
         with State.open(path, readonly=True) as store:
-            mark = pipeline.check_mark(store, config)
-            floor_at = pipeline.billing_floor(store, config)
-            window = pipeline.sync_window(now_at, mark, config.sacct, floor_at)
-            given = pipeline.gather(config, window, sacct_file, stdin, os.environ)
-            if given.window is not None and store.floor_at() is None:
-                floor_at = max(window.start_at, floor_at or window.start_at)  # as the sync would
-            parsed = pipeline.parse_input(config, given, _fields(sacct_fields))
-            reported = store.reported(r.run for r in parsed.records)
-            forgotten_before = store.pruned_before()
-        plan = pipeline.plan_usage(
-            parsed,
-            reported,
-            config,
-            catalog,
-            now_at=pipeline.utc_now(),
-            floor_at=floor_at,
-            forgotten_before=forgotten_before,
-            agent=ledger.agent_id(path),
-        )
-        _show_plan(plan, given.window, given.source, output, verbose)
+            run = pipeline.dry_run(
+                config,
+                store,
+                catalog,
+                now_at=now_at,
+                sacct_file=sacct_file,
+                fields=_fields(sacct_fields),
+                stdin=stdin,
+                environ=os.environ,
+                agent=ledger.agent_id(path),
+            )
+            _show_plan(run.plans, run.window, run.source, output, verbose)
         return
     request = pipeline.SyncRequest(
         now_at, sacct_file, _fields(sacct_fields), stdin, os.environ, take_over

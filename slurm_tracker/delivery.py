@@ -348,7 +348,15 @@ class _Pass:
         if result.kind == "acked" and delivery is not None:
             self.counts["acked"] += 1
             self.counts["found"] += int(delivery.found_by_lookup)
-            self.write(state.OutboxUpdate(key, "acked", event_id=delivery.event_id, extra=extra))
+            self.write(
+                state.OutboxUpdate(
+                    key,
+                    "acked",
+                    event_id=delivery.event_id,
+                    extra=extra,
+                    found_by_lookup=delivery.found_by_lookup,
+                )
+            )
         elif result.kind == "dead" and delivery is not None:
             log.info("event %s dead-lettered: %s", key, delivery.error)  # summarised: run()
             self.dead[(row.allocation, row.sku)] += 1

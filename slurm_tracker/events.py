@@ -7,13 +7,17 @@ be looked up on the API (list filter on metadata) when a send's outcome is unkno
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Union
+from typing import Optional, Union
 
 from slurm_tracker.config import METADATA_FIELDS
-from slurm_tracker.models import PlannedEvent, SkuCharge, UsageSegment
+from slurm_tracker.models import JobRecord, Metric, PlannedEvent, Rated, SkuCharge, UsageSegment
+
+#: Rates one event as it is made (``pipeline``: the catalog's engine): (event key, SKU,
+#: quantity, start, end) -> (what it costs or None, a rating problem or None).
+Rater = Callable[[str, str, Decimal, datetime, datetime], "tuple[Optional[Rated], Optional[str]]"]
 
 KEY_VERSION = "st1"
 QUANTUM = Decimal("0.000001")  # quantities are sent with 6 decimals
@@ -33,25 +37,32 @@ def quantity(segment: UsageSegment, charge: SkuCharge) -> Decimal:
 
 def job_metadata(segment: UsageSegment, fields: Sequence[str]) -> dict[str, Union[str, int]]:
     """Metadata that identifies the job run, plus the job fields the config asks for."""
-    record = segment.record
-    meta: dict[str, Union[str, int]] = {
+    head, tail = _record_metadata(segment.record, fields)
+    return {**head, "elapsedFrom": segment.from_s, "elapsedTo": segment.to_s, **tail}
+
+
+def _record_metadata(
+    record: JobRecord, fields: Sequence[str]
+) -> tuple[dict[str, Union[str, int]], dict[str, Union[str, int]]]:
+    """The metadata of a run that all its segments share: what comes before the segment's
+    elapsed seconds, and the job fields the config asks for (after them)."""
+    head: dict[str, Union[str, int]] = {
         "cluster": record.cluster,
         "jobId": record.job_id,
         "jobIdRaw": record.job_id_raw,
         "submittedAt": rfc3339(record.submit_at),
         "account": record.account,
         "partition": record.partition,
-        "elapsedFrom": segment.from_s,
-        "elapsedTo": segment.to_s,
     }
+    tail: dict[str, Union[str, int]] = {}
     for name in fields:
         if name == "job_name":
-            meta["jobName"] = record.job_name
+            tail["jobName"] = record.job_name
         else:
             value = record.extra.get(METADATA_FIELDS[name], "")
             if value:
-                meta[_camel(name)] = value
-    return meta
+                tail[_camel(name)] = value
+    return head, tail
 
 
 def _camel(name: str) -> str:
@@ -65,40 +76,72 @@ def plan(
     charges: Sequence[SkuCharge],
     metadata_fields: Sequence[str] = (),
     agent: str = "",
+    rate: Optional[Rater] = None,
+    problems: Optional[list[str]] = None,
 ) -> list[PlannedEvent]:
     """One event per segment and SKU; charges whose metric the run does not hold give none.
 
     ``agent`` (pipeline.agent_id) names the agent in the metadata, so that the API's record
-    says who billed what (a second agent on the same cluster is noticed)."""
+    says who billed what (a second agent on the same cluster is noticed). ``rate`` rates each
+    event as it is made; its problems go to ``problems``."""
     events: list[PlannedEvent] = []
+    record: Optional[JobRecord] = None
+    counts: dict[Metric, Decimal] = {}
+    head: dict[str, Union[str, int]] = {}
+    tail: dict[str, Union[str, int]] = {}
+    run_text = ""
     for segment in segments:
-        base_meta = job_metadata(segment, metadata_fields)
-        if agent:
-            base_meta["agent"] = agent
+        if segment.record is not record:  # what a run's segments share, made once per run
+            record = segment.record
+            head, tail = _record_metadata(record, metadata_fields)
+            if agent:
+                tail["agent"] = agent
+            counts = {}
+            run = record.run
+            run_text = run.text
+        seconds = segment.to_s - segment.from_s
+        stretch = f"{KEY_VERSION}:{run_text}:{segment.from_s}-{segment.to_s}:"
+        final = record.final and segment.to_s == record.elapsed_s
         for charge in charges:
-            amount = quantity(segment, charge)
+            metric = charge.metric
+            count = counts.get(metric)
+            if count is None:
+                count = counts[metric] = record.tres.count(metric)
+            # as quantity(): count x seconds / 3600, rounded half-even to 6 decimals
+            amount = (count * seconds / SECONDS_PER_HOUR).quantize(
+                QUANTUM, rounding=ROUND_HALF_EVEN
+            )
             if amount <= 0:
                 continue
-            key = event_key(segment, charge.sku)
+            key = stretch + charge.sku
             meta: Mapping[str, Union[str, int]] = {
                 "eventKey": key,
-                **base_meta,
-                "metric": charge.metric,
+                **head,
+                "elapsedFrom": segment.from_s,
+                "elapsedTo": segment.to_s,
+                **tail,
+                "metric": metric,
             }
+            rated: Optional[Rated] = None
+            if rate is not None:
+                rated, problem = rate(key, charge.sku, amount, segment.started_at, segment.ended_at)
+                if problem and problems is not None:
+                    problems.append(problem)
             events.append(
                 PlannedEvent(
                     event_key=key,
                     allocation=allocation,
                     sku=charge.sku,
-                    metric=charge.metric,
+                    metric=metric,
                     quantity=amount,
                     started_at=segment.started_at,
                     ended_at=segment.ended_at,
-                    user=segment.record.user,
+                    user=record.user,
                     metadata=meta,
-                    run=segment.record.run,
+                    run=run,
                     to_s=segment.to_s,
-                    final=segment.record.final and segment.to_s == segment.record.elapsed_s,
+                    final=final,
+                    rated=rated,
                 )
             )
     return events
@@ -120,4 +163,9 @@ def request_body(event: PlannedEvent) -> dict[str, object]:
 
 def rfc3339(value: datetime) -> str:
     """``2026-01-31T23:59:59Z``: UTC, whole seconds."""
+    if value.tzinfo is timezone.utc and value.year >= 1000:  # the common case, without strftime
+        return (
+            f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
+            f"T{value.hour:02d}:{value.minute:02d}:{value.second:02d}Z"
+        )
     return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -120,6 +120,24 @@ def render(
         "Usage events acknowledged by the API, since the state file was created.",
         [({"allocation": a, "sku": s}, n) for (a, s), (n, _) in sorted(totals.items())],
     )
+    for kind, name, meaning in (
+        (
+            "looked_up",
+            "events_looked_up_total",
+            "acknowledged because a look-up of its key "
+            "found it on the API (its acknowledgement had been lost)",
+        ),
+        ("dead", "events_dead_lettered_total", "dead-lettered (refused by the API)"),
+    ):
+        w.family(
+            name,
+            "counter",
+            f"Usage events {meaning}, since the state file was created.",
+            [
+                ({"allocation": a, "sku": s}, n)
+                for (a, s), n in sorted(store.delivery_totals(kind).items())  # type: ignore[arg-type]
+            ],
+        )
     w.family(
         "usage_posted_total",
         "counter",

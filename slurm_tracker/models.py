@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import cached_property
 from typing import Literal, Optional, Union
 
 Metric = Literal["cpu", "gpu", "node", "mem", "billing"]
@@ -53,8 +54,9 @@ class RunKey:
     job_id_raw: str
     submit_at: datetime
 
-    @property
+    @cached_property
     def text(self) -> str:
+        # computed once per key (cached in the instance's __dict__, outside the fields)
         return f"{self.cluster}:{self.job_id_raw}:{int(self.submit_at.timestamp())}"
 
 
@@ -78,8 +80,9 @@ class JobRecord:
     line: int = 0  # where the record started in the input (1-based), for messages
     extra: Mapping[str, str] = field(default_factory=dict)  # other sacct fields, by name
 
-    @property
+    @cached_property
     def run(self) -> RunKey:
+        # one RunKey per record, made on first use (every stage asks for it)
         return RunKey(self.cluster, self.job_id_raw, self.submit_at)
 
     @property

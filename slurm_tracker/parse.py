@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
-from typing import Any, Optional, TypeVar, Union
+from functools import lru_cache
+from typing import Any, BinaryIO, Optional, TypeVar, Union
 
 from .errors import InputError
 from .models import JobRecord, ParseResult, Rejected, RunKey, Tres
@@ -128,6 +129,8 @@ class JobId:
 def parse_job_id(text: str) -> JobId:
     """Parse a JobID or JobIDRaw value; ValueError when it is not one."""
     stripped = text.strip()
+    if stripped.isdigit() and stripped.isascii():  # the common case: a plain job id
+        return JobId(text=stripped, base=int(stripped))
     match = _JOB_ID_RE.fullmatch(stripped)
     if match is None:
         raise ValueError(f"{text!r} is not a Slurm job id")
@@ -201,10 +204,21 @@ def parse_time(text: str, tz: tzinfo = timezone.utc) -> Optional[datetime]:
     ``None``, ``0`` and empty text give None (not known yet); anything else raises ValueError.
     """
     stripped = text.strip()
+    if (  # the common cases first: sacct's default naive ISO time, epoch seconds
+        len(stripped) == 19
+        and stripped[10] in "T "
+        and stripped[4] == stripped[7] == "-"
+        and stripped[13] == stripped[16] == ":"
+    ):
+        fast = _naive_iso(stripped)
+        if fast is not None:
+            if tz is timezone.utc:
+                return fast.replace(tzinfo=timezone.utc)
+            return _localize(fast, tz).astimezone(timezone.utc)
     if stripped.upper() in _NO_TIME:
         return None
     try:
-        if _UINT_RE.fullmatch(stripped):
+        if stripped.isdigit() and stripped.isascii():
             seconds = int(stripped)
             if seconds == 0:
                 return None  # epoch 0: not set
@@ -229,6 +243,18 @@ def parse_time(text: str, tz: tzinfo = timezone.utc) -> Optional[datetime]:
         raise ValueError(f"{text!r} is out of range") from exc
 
 
+def _naive_iso(text: str) -> Optional[datetime]:
+    """``YYYY-MM-DD[T ]HH:MM:SS`` (already checked for its separators) as a naive datetime;
+    None when it is not one (the full parser then says why)."""
+    digits = text[:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:]
+    if not (digits.isdigit() and digits.isascii()):
+        return None
+    try:
+        return datetime.fromisoformat(text)  # checked: ASCII digits, '-', 'T' or ' ', ':'
+    except ValueError:
+        return None
+
+
 def parse_state(text: str) -> str:
     """The first word of a state, upper-cased: ``CANCELLED by 123`` -> ``CANCELLED``."""
     words = text.split()
@@ -251,6 +277,11 @@ def parse_tres(text: str) -> Tres:
     else the sum of the typed ``gres/gpu:TYPE`` counts (never both). Other TRES are ignored.
     A malformed item raises ValueError.
     """
+    return _parse_tres(text)
+
+
+@lru_cache(maxsize=4096)  # allocations repeat: a few hundred shapes in a whole month
+def _parse_tres(text: str) -> Tres:
     stripped = text.strip()
     if not stripped:
         return Tres()
@@ -327,6 +358,10 @@ class _Layout:
     names: tuple[str, ...]
     delimiter: str
     trailing: bool  # -p: every record ends with the delimiter
+
+    @property
+    def unique(self) -> bool:
+        return len(set(self.names)) == len(self.names)
 
 
 def _snippet(text: str) -> str:
@@ -533,11 +568,15 @@ def _read_record(
     row: dict[str, str] = {}
     try:
         row = _row(text, layout)
-        bad = [
-            name
-            for name, value in row.items()
-            if "\ufffd" in value and name not in FREE_TEXT_FIELDS
-        ]
+        bad = (
+            [
+                name
+                for name, value in row.items()
+                if "\ufffd" in value and name not in FREE_TEXT_FIELDS
+            ]
+            if "\ufffd" in text
+            else ()
+        )
         if bad:
             raise _Bad(f"field {bad[0]} is not valid UTF-8")
         return _record_from_row(row, line=line, cluster=cluster, tz=tz)
@@ -587,9 +626,11 @@ def _row(text: str, layout: _Layout) -> dict[str, str]:
             f"expected {expected} fields separated by {layout.delimiter!r} as in the header, "
             f"found {len(cells)} (a truncated line, or a delimiter/newline inside a value?)"
         )
+    if layout.unique:
+        return dict(zip(layout.names, cells))
     row: dict[str, str] = {}
     for name, cell in zip(layout.names, cells):
-        row.setdefault(name, cell)
+        row.setdefault(name, cell)  # a column named twice: the first one counts
     return row
 
 
@@ -628,8 +669,12 @@ def _record_from_row(
     shown_id = row.get("JobID", "").strip()
     if not raw_id and not shown_id:
         raise _Bad("no job id: JobIDRaw and JobID are empty")
-    parsed = [_field(row, n, parse_job_id) for n in ("JobID", "JobIDRaw") if row.get(n, "").strip()]
-    if any(p.is_step for p in parsed):
+    step = False
+    for name in ("JobID", "JobIDRaw"):  # both are checked, then a step is left out
+        value = row.get(name, "").strip()
+        if value and not (value.isdigit() and value.isascii()):  # else a plain job id
+            step = _field(row, name, parse_job_id).is_step or step
+    if step:
         return None
     job_id = shown_id or raw_id
     try:
@@ -648,7 +693,11 @@ def _job_from_row(
     end_at = _field(row, "End", parse_time, tz)
     if "ElapsedRaw" in row:
         raw = row["ElapsedRaw"].strip()
-        if raw and not re.fullmatch(r"-?[0-9]{1,18}", raw):
+        if (
+            raw
+            and not (raw.isdigit() and raw.isascii() and len(raw) <= 18)
+            and not re.fullmatch(r"-?[0-9]{1,18}", raw)
+        ):
             raise _Bad(f"ElapsedRaw {_short(raw)} is not a plausible number of seconds")
         elapsed_s = _elapsed(int(raw) if raw else None, "ElapsedRaw", start_at)
     else:
@@ -676,8 +725,35 @@ def _job_from_row(
         tres=tres,
         job_name=row.get("JobName", ""),
         line=line,
-        extra={k: v for k, v in row.items() if k not in _CONSUMED},
+        extra=_Extra(row),
     )
+
+
+class _Extra(Mapping[str, str]):
+    """The fields of a row that are not JobRecord attributes (``JobRecord.extra``): a view of
+    the row, made without copying it (most records never have it read)."""
+
+    __slots__ = ("_row",)
+
+    def __init__(self, row: Mapping[str, str]) -> None:
+        self._row = row
+
+    def __getitem__(self, name: str) -> str:
+        if name in _CONSUMED:
+            raise KeyError(name)
+        return self._row[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name not in _CONSUMED and name in self._row
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._row if name not in _CONSUMED)
+
+    def __len__(self) -> int:
+        return sum(1 for name in self._row if name not in _CONSUMED)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 def _optional_count(value: str, name: str) -> int:
@@ -699,19 +775,12 @@ def parse_live(
     repaired. Raises InputError when the header is not the one asked for.
     """
     mark = delimiter.encode()
-    header = mark.join(f.encode() for f in fields) + mark + b"\n"
-    if not data.startswith(header):
-        raise InputError(
-            f"{source}: the output does not start with the header of the query "
-            f"({len(fields)} fields and the delimiter asked for): another program, a wrapper or "
-            "a changed sacct answered"
-        )
+    position = _live_header(data, mark, fields, source)
     layout = _Layout(tuple(fields), delimiter, trailing=True)
     records: list[JobRecord] = []
     rejected: list[Rejected] = []
     steps = 0
     line = 2
-    position = len(header)
     while position < len(data):
         if data[position : position + 1].isspace() and not data[position:].strip():
             break  # only blanks are left (checked when a blank is seen: it stays linear)
@@ -721,6 +790,19 @@ def parse_live(
         line += data.count(b"\n", position, next_position)
         position = next_position
     return _result(source, records, rejected, steps)
+
+
+def _live_header(data: bytes, mark: bytes, fields: Sequence[str], source: str) -> int:
+    """The length of the live query's header line; InputError when it is not the one asked
+    for."""
+    header = mark.join(f.encode() for f in fields) + mark + b"\n"
+    if not data.startswith(header):
+        raise InputError(
+            f"{source}: the output does not start with the header of the query "
+            f"({len(fields)} fields and the delimiter asked for): another program, a wrapper or "
+            "a changed sacct answered"
+        )
+    return len(header)
 
 
 def _live_record(
@@ -1093,3 +1175,299 @@ def record_of_row(row: Row, *, cluster: str, tz: tzinfo) -> Union[JobRecord, Rej
         reason = f"cannot be read ({type(exc).__name__}: {_snippet(str(exc))})"
     job_id, run = _row_identity(row.cells, cluster, tz)
     return Rejected(row.line, reason, row.text, job_id=job_id, run=run)
+
+
+# --- streaming: records one by one, in bounded memory ----------------------------------------
+
+#: Bytes read at a time from a saved capture.
+BLOCK_BYTES = 1 << 20
+
+Item = Union[JobRecord, Rejected, None]  # a record, a refused record, or a step record (None)
+
+
+#: One record of parsable output as framed by the reader, not parsed yet: (its first line,
+#: its bytes, why it cannot be read or None).
+Framed = tuple[int, bytes, Optional[str]]
+
+
+class RecordStream:
+    """sacct output read record by record, as often as needed (the planner reads it twice: once
+    for duplicate records of a run, once to plan), holding a bounded part of it at a time.
+
+    ``framed()`` gives the records as framed, ``read()`` parses one, exactly as
+    :func:`parse_sacct` / :func:`parse_live` do, in the same order and with the same line
+    numbers; ``identity()`` gives a cheap key that is equal for every record of one run.
+    """
+
+    source: str
+
+    def framed(self) -> Iterator[Framed]:
+        raise NotImplementedError
+
+    def read(self, framed: Framed) -> Item:
+        raise NotImplementedError
+
+    def identity(self, framed: Framed) -> Optional[tuple[str, str]]:
+        """(cluster, JobIDRaw) as the record's RunKey will hold them, read without parsing the
+        record; None when the record will not be a JobRecord anyway."""
+        raise NotImplementedError
+
+    def items(self) -> Iterator[Item]:
+        read = self.read
+        for framed in self.framed():
+            yield read(framed)
+
+
+class _ParsableStream(RecordStream):
+    def __init__(self, layout: _Layout, cluster: str, tz: tzinfo, source: str) -> None:
+        self.layout = layout
+        self.cluster = cluster
+        self.tz = tz
+        self.source = source
+        names = layout.names
+        self._expected = len(names)
+        self._where = {name: names.index(name) for name in ("Cluster", "JobIDRaw", "JobID")
+                       if name in names}  # fmt: skip
+
+    def read(self, framed: Framed) -> Item:
+        line, raw, problem = framed
+        return _read_record(raw, self.layout, problem, line=line, cluster=self.cluster, tz=self.tz)
+
+    def identity(self, framed: Framed) -> Optional[tuple[str, str]]:
+        if framed[2] is not None:
+            return None
+        text = framed[1].decode("utf-8", "replace")
+        cells = text.split(self.layout.delimiter, self._expected - 1)
+        if len(cells) != self._expected:
+            return None
+        where = self._where
+        cluster = cells[where["Cluster"]].strip() if "Cluster" in where else ""
+        raw = cells[where["JobIDRaw"]].strip() if "JobIDRaw" in where else ""
+        shown = cells[where["JobID"]].strip() if "JobID" in where else ""
+        return (cluster or self.cluster, raw or shown)
+
+
+class _LiveStream(_ParsableStream):
+    """The live query's output (held in memory by the caller), framed as parse_live frames it."""
+
+    def __init__(self, data: bytes, mark: bytes, header: int, fields: Sequence[str],
+                 cluster: str, source: str) -> None:  # fmt: skip
+        super().__init__(_Layout(tuple(fields), mark.decode(), True), cluster, timezone.utc, source)
+        self._data = data
+        self._mark = mark
+        self._header = header
+
+    def framed(self) -> Iterator[Framed]:
+        data, mark, count = self._data, self._mark, self._expected
+        line = 2
+        position = self._header
+        while position < len(data):
+            if data[position : position + 1].isspace() and not data[position:].strip():
+                break
+            chunk, problem, next_position = _live_record(data, position, mark, count)
+            yield line, chunk, problem
+            line += data.count(b"\n", position, next_position)
+            position = next_position
+
+
+class _SavedStream(_ParsableStream):
+    """A saved capture (parsable output), read from its file block by block.
+
+    The body is cut into blocks only where no record can span the cut: before a segment
+    (up to the next newline, or delimiter + newline for ``-p``) that holds the delimiter and
+    follows another such segment. A segment without the delimiter may continue the job name of
+    the record before it (``-P`` has no escaping), and a blank line before a record may too;
+    neither is ever at a cut, so each block reads exactly as the whole body would.
+    """
+
+    def __init__(self, opener: Callable[[], BinaryIO], *, skip: int, crlf: bool,
+                 first_line: int, layout: _Layout, cluster: str, tz: tzinfo,
+                 source: str) -> None:  # fmt: skip
+        super().__init__(layout, cluster, tz, source)
+        self._opener = opener
+        self._skip = skip  # bytes before the body (BOM, blank lines, header), CRLF undone
+        self._crlf = crlf
+        self._first_line = first_line
+
+    def _chunks(self) -> Iterator[bytes]:
+        """The body, CRLF undone when the file uses it (as parse_sacct does)."""
+        with self._opener() as handle:
+            first = True
+            carry = b""
+            skip = self._skip
+            while True:
+                block = handle.read(BLOCK_BYTES)
+                if first:
+                    first = False
+                    if block.startswith(b"\xef\xbb\xbf"):
+                        block = block[3:]
+                if not block:
+                    break
+                if self._crlf:
+                    block = carry + block
+                    carry = b""
+                    if block.endswith(b"\r"):  # its \n may start the next block
+                        block, carry = block[:-1], b"\r"
+                    block = block.replace(b"\r\n", b"\n")
+                if skip:
+                    taken = min(skip, len(block))
+                    block, skip = block[taken:], skip - taken
+                if block:
+                    yield block
+            if carry:
+                yield carry
+
+    def framed(self) -> Iterator[Framed]:
+        layout = self.layout
+        delimiter = layout.delimiter.encode()
+        separator = delimiter + b"\n" if layout.trailing else b"\n"
+        line_no = self._first_line
+        buffer = b""
+        for piece in self._chunks():
+            buffer += piece
+            cut = _safe_cut(buffer, separator, delimiter)
+            if cut:
+                block, buffer = buffer[:cut], buffer[cut:]
+                yield from _framed_block(block, layout, line_no)
+                line_no += block.count(b"\n")
+        yield from _framed_block(buffer, layout, line_no)
+
+
+def _framed_block(block: bytes, layout: _Layout, line_no: int) -> Iterator[Framed]:
+    counted_to = 0
+    for offset, raw, problem in _split_records(block, layout):
+        line_no += block.count(b"\n", counted_to, offset)
+        counted_to = offset
+        yield line_no, raw, problem
+
+
+def _safe_cut(buffer: bytes, separator: bytes, delimiter: bytes) -> int:
+    """Where ``buffer`` may be cut between two records (see _SavedStream), or 0: the start of
+    a complete segment holding the delimiter, right after another one (or after the start of
+    the buffer, itself such a cut)."""
+    size = len(separator)
+    end = buffer.rfind(separator)  # the end of the last complete segment
+    start = buffer.rfind(separator, 0, end) if end >= 0 else -1
+    while start >= 0:
+        before = buffer.rfind(separator, 0, start)
+        previous = before + size if before >= 0 else 0
+        if buffer.find(delimiter, start + size, end) >= 0 and (
+            buffer.find(delimiter, previous, start) >= 0
+        ):
+            return start + size
+        end, start = start, before
+    return 0
+
+
+class _WholeStream(RecordStream):
+    """Input read whole (JSON, or parsable output too odd to read in blocks): its parse result."""
+
+    def __init__(self, parsed: ParseResult, source: str) -> None:
+        self.parsed = parsed
+        self.source = source
+        self._items: list[Item] = [*parsed.rejected, *parsed.records]
+        self._items += [None] * parsed.steps_ignored
+
+    def framed(self) -> Iterator[Framed]:
+        return ((i, b"", None) for i in range(len(self._items)))
+
+    def read(self, framed: Framed) -> Item:
+        return self._items[framed[0]]
+
+    def identity(self, framed: Framed) -> Optional[tuple[str, str]]:
+        item = self._items[framed[0]]
+        return (item.cluster, item.job_id_raw) if isinstance(item, JobRecord) else None
+
+
+def live_stream(
+    data: bytes, *, delimiter: str, fields: Sequence[str], cluster: str, source: str
+) -> RecordStream:
+    """The records of the live query's output, as :func:`parse_live` reads them (the same
+    InputError when the header is not the one asked for)."""
+    mark = delimiter.encode()
+    header = _live_header(data, mark, fields, source)
+    return _LiveStream(data, mark, header, fields, cluster, source)
+
+
+def saved_stream(
+    opener: Callable[[], BinaryIO],
+    *,
+    cluster: str,
+    fields: Optional[Sequence[str]] = None,
+    tz: tzinfo = timezone.utc,
+    source: str = "<input>",
+) -> RecordStream:
+    """The records of a saved capture, as :func:`parse_sacct` reads them, from a file that
+    ``opener`` opens (once per pass). Parsable output is read block by block; JSON (and
+    parsable output whose first lines are not found in its first blocks) is read whole."""
+    if isinstance(fields, str):
+        fields = fields.split(",")
+    head = b""
+    with opener() as handle:
+        while head.count(b"\n") < 64 and len(head) < 64 * BLOCK_BYTES:
+            more = handle.read(BLOCK_BYTES)
+            if not more:
+                break
+            head += more
+        ended = not handle.read(1)
+    layout = None if ended else _stream_layout(head, fields)
+    if layout is None:
+        whole = head
+        if not ended:
+            with opener() as handle:
+                whole = handle.read()
+        return _WholeStream(
+            parse_sacct(whole, cluster=cluster, fields=fields, tz=tz, source=source), source
+        )
+    found, skip, crlf, first_line = layout
+    return _SavedStream(
+        opener,
+        skip=skip,
+        crlf=crlf,
+        first_line=first_line,
+        layout=found,
+        cluster=cluster,
+        tz=tz,
+        source=source,
+    )
+
+
+def _stream_layout(
+    head: bytes, fields: Optional[Sequence[str]]
+) -> Optional[tuple[_Layout, int, bool, int]]:
+    """How to read the body of a large parsable capture whose first bytes are ``head``: (its
+    layout, bytes before the body once CRLF is undone, CRLF, the body's first line number);
+    None when it must be read whole (JSON, or no header line and enough body lines in head).
+    The checks that refuse an input (InputError) are left to parse_sacct on the head."""
+    data = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+    if not data.strip() or data.lstrip().startswith(b"{"):
+        return None
+    crlf = b"\r\n" in data[: data.find(b"\n") + 1 or len(data)]
+    if crlf:
+        data = data.replace(b"\r\n", b"\n")
+    start = 0
+    while True:  # blank lines before the header, as _parse_parsable skips them
+        end = data.find(b"\n", start)
+        if end < 0:
+            return None
+        if data[start:end].strip():
+            break
+        start = end + 1
+    first_line_no = data.count(b"\n", 0, start) + 1
+    try:
+        layout = _header_layout(data[start:end].decode("utf-8"))
+    except UnicodeDecodeError:
+        layout = None
+    if layout is not None:
+        skip, first_line = end + 1, first_line_no + 1
+    elif fields:
+        body = data[start:]
+        if body.count(b"\n") < 22:
+            return None
+        layout = _headerless_layout(body, tuple(canonical_field(f) for f in fields))
+        skip, first_line = start, first_line_no
+    else:
+        return None  # parse_sacct says why
+    if _missing_columns(layout.names):
+        return None  # parse_sacct says what is missing
+    return layout, skip, crlf, first_line

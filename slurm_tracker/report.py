@@ -1,4 +1,5 @@
-"""Renders results for people (tables) and programs (JSON). Pure: returns text and dicts."""
+"""Renders results for people (tables) and programs (JSON). Pure: returns text and dicts
+(and writes a plan's JSON to a stream, batch by batch: :func:`write_plan_json`)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import csv
 import io
 import json
 import logging
+import math
+import shutil
+import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 from slurm_tracker.events import rfc3339
 from slurm_tracker.health import age_text
-from slurm_tracker.models import METRIC_UNITS, PlannedEvent, Rejected
-from slurm_tracker.pipeline import Plan, SyncResult, Total, Window
+from slurm_tracker.models import METRIC_UNITS, PlannedEvent, Rejected, Skipped
+from slurm_tracker.pipeline import Plan, SyncResult, Total, Totals, Window
 from slurm_tracker.rating import EffectiveRate, RateRule
 from slurm_tracker.state import OutboxRow, QuarantineRow, State
 
@@ -160,14 +165,32 @@ def plan_text(
     dry_run: bool = True,
 ) -> str:
     """The human-readable summary of a planned sync."""
+    summary = PlanSummary(verbose=verbose)
+    summary.add(plan)
+    return summary_text(summary, window, source=source, dry_run=dry_run, totals=totals)
+
+
+def summary_text(
+    summary: PlanSummary,
+    window: Optional[Window],
+    *,
+    source: str,
+    dry_run: bool = True,
+    totals: Optional[Sequence[Total]] = None,
+) -> str:
+    """The human-readable summary of a planned sync, from its :class:`PlanSummary`."""
+    verbose = summary.verbose
+    if totals is None:
+        totals = summary.totals.result()
+    rejected = [*summary.read_rejected, *summary.plan_rejected]
     out: list[str] = []
     head = "Dry run (nothing written, nothing sent)" if dry_run else "Sync plan"
     span = f"window {rfc3339(window.start_at)} .. {rfc3339(window.end_at)}, " if window else ""
     out.append(f"{head}: {span}input {source}")
     out.append(
-        f"{plan.records} job records: {len(plan.events)} events planned, "
-        f"{len(plan.skipped)} skipped, {len(plan.rejected)} rejected"
-        + (f" ({plan.steps_ignored} step records ignored)" if plan.steps_ignored else "")
+        f"{summary.records} job records: {summary.events} events planned, "
+        f"{summary.skipped} skipped, {summary.rejected} rejected"
+        + (f" ({summary.steps_ignored} step records ignored)" if summary.steps_ignored else "")
     )
     out.append("")
     if totals:
@@ -194,7 +217,7 @@ def plan_text(
         out.append(_grand_total(totals))
     else:
         out.append("No usage to report.")
-    if verbose and plan.events:
+    if verbose and summary.all_events:
         out += ["", "Events:"]
         rows = [
             [
@@ -210,7 +233,7 @@ def plan_text(
                 _fmt(e.rated.amount if e.rated else None),
                 e.event_key,
             ]
-            for e in plan.events
+            for e in summary.all_events
         ]
         out.append(
             table(
@@ -231,39 +254,275 @@ def plan_text(
                 right=(8, 9),
             )
         )
-    if plan.rating_problems:
-        out += ["", f"Not rated ({len(plan.rating_problems)}): the catalog has no rate for:"]
-        out += [f"  {p}" for p in _limit(plan.rating_problems, verbose)]
-    if plan.skipped:
-        out += ["", f"Skipped ({len(plan.skipped)}):"]
-        reasons = Counter(_reason_kind(s.reason) for s in plan.skipped)
+    if summary.rating_problems:
+        out += ["", f"Not rated ({summary.rating_problems}): the catalog has no rate for:"]
+        out += [f"  {p}" for p in _limit(summary.first_problems, verbose)]
+    if summary.skipped:
+        out += ["", f"Skipped ({summary.skipped}):"]
         if verbose:
-            out += [f"  {printable(s.job_id)}: {printable(s.reason)}" for s in plan.skipped]
+            out += [f"  {printable(s.job_id)}: {printable(s.reason)}" for s in summary.all_skipped]
         else:
-            out += [f"  {n:>6}  {kind}" for kind, n in reasons.most_common()]
-    if plan.held:
+            out += [f"  {n:>6}  {kind}" for kind, n in summary.skip_kinds.most_common()]
+    if summary.held:
         out += [
             "",
-            f"Held ({len(plan.held)} events above limits.hold_above: stored as held, sent only "
-            "after `slurm-tracker outbox release KEY`):",
+            f"Held ({len(summary.held)} events above limits.hold_above: stored as held, sent "
+            "only after `slurm-tracker outbox release KEY`):",
         ]
-        out += [f"  {printable(k)}" for k in _limit(sorted(plan.held), verbose)]
-    if plan.rejected:
+        out += [f"  {printable(k)}" for k in _limit(sorted(summary.held), verbose)]
+    if summary.rejected:
         out += [
             "",
-            f"Rejected ({len(plan.rejected)} malformed or implausible records, not billed; a "
+            f"Rejected ({summary.rejected} malformed or implausible records, not billed; a "
             "sync quarantines them: `slurm-tracker quarantine list`):",
         ]
-        out += [f"  line {r.line}: {printable(r.reason)}" for r in _limit(plan.rejected, verbose)]
+        out += [f"  line {r.line}: {printable(r.reason)}" for r in _limit(rejected, verbose)]
     hidden = (
         0
         if verbose
-        else max(0, len(plan.rejected) - LIST_LIMIT)
-        + max(0, len(plan.rating_problems) - LIST_LIMIT)
+        else max(0, summary.rejected - LIST_LIMIT) + max(0, summary.rating_problems - LIST_LIMIT)
     )
     if hidden:
         out.append(f"  ... {hidden} more lines: use -v or --output json")
     return "\n".join(out)
+
+
+@dataclass
+class PlanSummary:
+    """What the table of a plan shows, gathered batch by batch (see :func:`summarize`):
+    counts, totals, and the first lines of each list (every line with ``verbose``)."""
+
+    verbose: bool = False
+    records: int = 0
+    events: int = 0
+    steps_ignored: int = 0
+    skipped: int = 0
+    skip_kinds: Counter[str] = field(default_factory=Counter)
+    rejected: int = 0
+    read_rejected: list[Rejected] = field(default_factory=list)  # the first ones (all: verbose)
+    plan_rejected: list[Rejected] = field(default_factory=list)
+    rating_problems: int = 0
+    first_problems: list[str] = field(default_factory=list)
+    held: set[str] = field(default_factory=set)
+    totals: Totals = field(default_factory=Totals)
+    all_events: list[PlannedEvent] = field(default_factory=list)  # verbose only
+    all_skipped: list[Skipped] = field(default_factory=list)  # verbose only
+
+    def add(self, plan: Plan) -> None:
+        limit = None if self.verbose else LIST_LIMIT
+        self.records += plan.records
+        self.events += len(plan.events)
+        self.steps_ignored += plan.steps_ignored
+        self.skipped += len(plan.skipped)
+        if self.verbose:
+            self.all_events.extend(plan.events)
+            self.all_skipped.extend(plan.skipped)
+        else:
+            self.skip_kinds.update(_reason_kind(s.reason) for s in plan.skipped)
+        self.rejected += len(plan.rejected)
+        read, planned = plan.rejected[: plan.read_rejected], plan.rejected[plan.read_rejected :]
+        self.read_rejected.extend(read[: _room(self.read_rejected, limit)])
+        self.plan_rejected.extend(planned[: _room(self.plan_rejected, limit)])
+        self.rating_problems += len(plan.rating_problems)
+        self.first_problems.extend(plan.rating_problems[: _room(self.first_problems, limit)])
+        self.held.update(plan.held)
+        self.totals.add(plan.events)
+
+
+def _room(kept: Sequence[Any], limit: Optional[int]) -> Optional[int]:
+    return None if limit is None else max(0, limit - len(kept))
+
+
+def summarize(plans: Iterable[Plan], verbose: bool = False) -> PlanSummary:
+    """The summary of the plans of one input (batches of it), consumed one by one."""
+    summary = PlanSummary(verbose=verbose)
+    for plan in plans:
+        summary.add(plan)
+    return summary
+
+
+_ENCODE = json.encoder.encode_basestring_ascii  # json's own (C) string encoder
+_C_ENCODE = json.JSONEncoder().encode  # json.dumps' C encoder (no indent)
+_FLAT = frozenset({str, int})
+
+
+def _json_value(value: Any, indent: str) -> str:
+    """``value`` as ``json.dumps(value, indent=2)`` writes it at the depth of ``indent``."""
+    kind = value.__class__
+    if kind is str:
+        return _ENCODE(value)
+    if kind is dict:
+        if not value:
+            return "{}"
+        inner = indent + "  "
+        return (
+            "{\n"
+            + ",\n".join(
+                inner + _ENCODE(key) + ": " + _json_value(item, inner)
+                for key, item in value.items()
+            )
+            + "\n"
+            + indent
+            + "}"
+        )
+    if kind is list or kind is tuple:
+        if not value:
+            return "[]"
+        inner = indent + "  "
+        return (
+            "[\n" + ",\n".join(inner + _json_value(v, inner) for v in value) + "\n" + indent + "]"
+        )
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value, indent=2, default=str).replace("\n", "\n" + indent)
+
+
+def _event_text(event: PlannedEvent) -> str:
+    """``_json_value(event_json(event), "    ")``, without the dict (an event of the "events"
+    list; the same bytes, see test_streaming)."""
+    rated = event.rated
+    meta = event.metadata
+    if meta.__class__ is dict and meta and _FLAT.issuperset(map(type, meta.values())):
+        # json's C encoder writes a flat object of strings and ints on one line, items
+        # separated by ', "' (a quote inside a string is escaped, so that is always between
+        # items); one line per item is then a replace
+        metadata = (
+            '{\n        "' + _C_ENCODE(meta)[2:-1].replace(', "', ',\n        "') + "\n      }"
+        )
+    else:
+        metadata = _json_value(dict(meta), "      ")
+    return (
+        '{\n      "allocation": '
+        + _ENCODE(event.allocation)
+        + ',\n      "sku": '
+        + _ENCODE(event.sku)
+        + ',\n      "quantity": '
+        + _json_value(number(event.quantity), "      ")
+        + ',\n      "startedAt": "'
+        + rfc3339(event.started_at)
+        + '",\n      "endedAt": "'
+        + rfc3339(event.ended_at)
+        + '",\n      "user": '
+        + _ENCODE(event.user)
+        + ',\n      "metadata": '
+        + metadata
+        + ',\n      "rated": '
+        + (
+            "null"
+            if rated is None
+            else '{\n        "unit": '
+            + _ENCODE(rated.unit)
+            + ',\n        "amount": '
+            + _json_value(number(rated.amount), "        ")
+            + ',\n        "usd": '
+            + _json_value(number(rated.usd), "        ")
+            + "\n      }"
+        )
+        + "\n    }"
+    )
+
+
+class _Spool:
+    """Items of one JSON list, written as they come to a temporary file (in memory up to a
+    few MB), copied into the document at the end."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by copy_to)
+            max_size=4 << 20, mode="w+", encoding="utf-8"
+        )
+        self.count = 0
+
+    def add(self, text: str) -> None:
+        self.file.write((",\n    " if self.count else "    ") + text)
+        self.count += 1
+
+    def copy_to(self, out: TextIO) -> None:
+        self.file.seek(0)
+        shutil.copyfileobj(self.file, out, 1 << 20)
+        self.file.close()
+
+
+def write_plan_json(plans: Iterable[Plan], window: Optional[Window], out: TextIO) -> None:
+    """:func:`plan_json` as ``json.dumps(indent=2)`` prints it, plus a newline, byte for byte,
+    written batch by batch: each event is encoded once as it comes (json's C string encoder,
+    no document tree) to a spool, the counts and totals are written when every batch is in."""
+    spools = {name: _Spool() for name in ("events", "skipped", "read", "rejected", "problems")}
+    events, skipped = spools["events"], spools["skipped"]
+    read, rejected, problems = spools["read"], spools["rejected"], spools["problems"]
+    records = steps = 0
+    held: set[str] = set()
+    found = Totals()
+    level = "    "
+    for plan in plans:
+        records += plan.records
+        steps += plan.steps_ignored
+        for event in plan.events:
+            events.add(_event_text(event))
+        for skip in plan.skipped:
+            skipped.add(_json_value({"jobId": skip.job_id, "reason": skip.reason}, level))
+        for index, refused in enumerate(plan.rejected):
+            (read if index < plan.read_rejected else rejected).add(
+                _json_value(rejected_json(refused), level)
+            )
+        for problem in plan.rating_problems:
+            problems.add(_json_value(problem, level))
+        held.update(plan.held)
+        found.add(plan.events)
+    head = {
+        "window": None
+        if window is None
+        else {"start": rfc3339(window.start_at), "end": rfc3339(window.end_at)},
+        "counts": {
+            "records": records,
+            "events": events.count,
+            "skipped": skipped.count,
+            "rejected": read.count + rejected.count,
+            "held": len(held),
+            "stepsIgnored": steps,
+        },
+    }
+    out.write("{")
+    for name, value in head.items():
+        out.write(("\n  " if name == "window" else ",\n  ") + f'"{name}": ')
+        out.write(_json_value(value, "  "))
+    for name, parts in (
+        ("events", [events]),
+        ("skipped", [skipped]),
+        ("rejected", [read, rejected]),
+    ):
+        _write_list(out, name, parts)
+    out.write(',\n  "held": ' + _json_value(sorted(held), "  "))
+    _write_list(out, "ratingProblems", [problems])
+    out.write(',\n  "totals": ' + _json_value([total_json(t) for t in found.result()], "  "))
+    out.write("\n}\n")
+
+
+def _write_list(out: TextIO, name: str, parts: Sequence[_Spool]) -> None:
+    out.write(f',\n  "{name}": ')
+    if not any(p.count for p in parts):
+        out.write("[]")
+        for part in parts:
+            part.file.close()
+        return
+    out.write("[\n")
+    written = False
+    for part in parts:
+        if part.count:
+            if written:
+                out.write(",\n")
+            part.copy_to(out)
+            written = True
+        else:
+            part.file.close()
+    out.write("\n  ]")
 
 
 def _grand_total(totals: Sequence[Total]) -> str:

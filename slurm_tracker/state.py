@@ -190,7 +190,7 @@ _MIGRATIONS: Mapping[int, Sequence[str]] = {
         "CREATE INDEX progress_pruning ON progress (last_end_at) WHERE final=1",
         "CREATE INDEX outbox_settled ON outbox (status, updated_at)",
         """CREATE TABLE totals (           -- cumulative, never lowered (the metrics' counters)
-            kind TEXT NOT NULL CHECK (kind IN ('planned', 'posted')),
+            kind TEXT NOT NULL CHECK (kind IN ('planned', 'posted', 'looked_up', 'dead')),
             allocation TEXT NOT NULL,
             sku TEXT NOT NULL,
             events INTEGER NOT NULL,
@@ -371,6 +371,7 @@ class OutboxUpdate:
     error: Optional[str] = None
     outcome_unknown: bool = False
     extra: int = 0
+    found_by_lookup: bool = False  # acked because the look-up found it on the API
 
 
 @dataclass(frozen=True)
@@ -1126,6 +1127,8 @@ class State:
         )
         with self._tx(doing) as cur:
             _count_acked(cur, [u.event_key for u in updates if u.status == "acked"], now)
+            _count(cur, "looked_up", [u.event_key for u in updates if u.found_by_lookup], "acked")
+            _count(cur, "dead", [u.event_key for u in updates if u.status == "dead"], "dead")
             for u in updates:
                 if u.status == "acked":
                     cur.execute(
@@ -1738,6 +1741,14 @@ class State:
         as they are stored."""
         return self._totals("planned", _PLANNED_TOTALS)
 
+    def delivery_totals(self, kind: Literal["looked_up", "dead"]) -> dict[tuple[str, str], int]:
+        """Cumulative events per (allocation, SKU) acknowledged because a look-up found them on
+        the API (``looked_up``), or dead-lettered (``dead``; again after each retry)."""
+        if self._schema < 4:
+            return {}
+        rows = self._query("SELECT allocation, sku, events FROM totals WHERE kind=?", (kind,))
+        return {(a, s): int(n) for a, s, n in rows}
+
     def _totals(self, kind: str, older_name: str) -> dict[tuple[str, str], tuple[int, Decimal]]:
         if self._schema < 4:  # an older file opened read-only: as its last fold left them
             text = self._meta(older_name)
@@ -1876,6 +1887,22 @@ def _add(cur: sqlite3.Cursor, table: str, first: tuple[str, Any], counts: Counts
             "VALUES (?, ?, ?, ?, ?)",
             (value, allocation, sku, n + added, str(q + quantity)),
         )
+
+
+def _count(cur: sqlite3.Cursor, kind: str, keys: Collection[str], status: str) -> None:
+    """Count the rows of ``keys`` not in ``status`` yet (about to be) under ``kind``."""
+    rows: list[tuple[str, str, str]] = []
+    wanted = list(keys)
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i : i + 500]
+        marks = ",".join("?" for _ in chunk)
+        rows += cur.execute(
+            f"SELECT allocation, sku, quantity FROM outbox WHERE event_key IN ({marks}) "
+            "AND status != ?",
+            [*chunk, status],
+        ).fetchall()
+    if rows:
+        _add(cur, "totals", ("kind", kind), _counted(rows))
 
 
 def _count_acked(cur: sqlite3.Cursor, keys: Collection[str], now: int) -> None:

@@ -1047,7 +1047,9 @@ def test_a_cookie_set_by_the_server_is_sent_back(
     assert "Cookie" not in first.headers
     assert second.headers["Cookie"] == "lb=node-7"
     assert second.headers["Authorization"] == first.headers["Authorization"]
-    assert second.body == first.body and second.headers["Content-Length"] == str(len(first.body or b""))
+    assert second.body == first.body and second.headers["Content-Length"] == str(
+        len(first.body or b"")
+    )
 
 
 def test_request_threads_are_reused(rsps: responses.RequestsMock, rec: Recorder) -> None:

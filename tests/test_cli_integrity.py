@@ -795,7 +795,7 @@ def test_an_unexpected_exception_is_one_line_and_exit_1(
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("the planner\nexploded")
 
-    monkeypatch.setattr(pipeline, "plan_usage", broken)
+    monkeypatch.setattr(pipeline, "plan_stream", broken)  # the dry run plans in batches
     args = ["sync", "--dry-run", "--sacct-file", str(site / "capture.txt")]
     result = run(site, *args)
     assert result.exit_code == 1

@@ -174,6 +174,26 @@ def test_crash_after_the_post_before_the_ack_costs_a_look_up_never_a_second_post
     assert api.posts == 3  # no second POST
     assert sorted(api.keys()) == sorted(e.event_key for e in planned)
     assert {s for s, _, _ in statuses(path).values()} == {"acked"}
+    with State.open(path, readonly=True) as store:  # the metrics' counters
+        assert store.delivery_totals("looked_up") == {("physics", "CPU_HOUR"): 3}
+        assert store.delivery_totals("dead") == {}
+        assert store.posted_totals()[("physics", "CPU_HOUR")][0] == 3
+
+
+def test_dead_lettered_events_are_counted_once_per_refusal(tmp_path: Path, api: FakeApi) -> None:
+    path = tmp_path / "state.db"
+    stored(path, events(2))
+    api.faults = ["400", "ok"]
+    report = run(path)
+    assert report is not None and report.dead == 1 and report.acked == 1
+    with State.open(path) as store:
+        assert store.delivery_totals("dead") == {("physics", "CPU_HOUR"): 1}
+        assert store.delivery_totals("looked_up") == {}
+        assert store.retry(None, NOW) == 1
+    api.faults = ["400"]
+    run(path)  # refused again: counted again
+    with State.open(path, readonly=True) as store:
+        assert store.delivery_totals("dead") == {("physics", "CPU_HOUR"): 2}
 
 
 def test_crash_after_the_ack_sends_nothing_again(tmp_path: Path, api: FakeApi) -> None:
