@@ -24,24 +24,18 @@ from typing import Optional
 from slurm_tracker import api, ledger, rating, state
 from slurm_tracker.config import Config
 from slurm_tracker.delivery import DeliveryReport, deliver_outbox
+from slurm_tracker.inputs import Input, Window, chunks, parse_input, read_live
 from slurm_tracker.models import JobRecord, ParseResult, RunKey
 from slurm_tracker.pipeline import (
-    Input,
-    Plan,
     SyncResult,
-    Window,
     add_deliveries,
-    chunks,
     commit,
     compare_with_api,
     deliver_and_finish,
-    merge_plans,
-    parse_input,
-    plan_usage,
-    read_live,
-    reported_after,
     utc_now,
 )
+from slurm_tracker.planning import plan_usage
+from slurm_tracker.plans import Plan, merge_plans, reported_after
 
 log = logging.getLogger(__name__)
 

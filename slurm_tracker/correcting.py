@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Optional, Union
 
-from slurm_tracker import api, ledger, pipeline, rating, report
+from slurm_tracker import api, catalog_admin, ledger, pipeline, rating, report
 from slurm_tracker.config import Config
 from slurm_tracker.corrections import (
     Fix,
@@ -135,7 +135,7 @@ def _prepare(
         return f"the state file's copy of the correction cannot be read: {exc}"
     if record.start_at is None:
         return "the record has no start time"
-    allocations = dict.fromkeys([*row.allocations, *pipeline.mapped_allocations(config)])
+    allocations = dict.fromkeys([*row.allocations, *catalog_admin.mapped_allocations(config)])
     events, metrics = run_events(client, allocations, run, record.cluster, row.allocations)
     fix = plan_fix(run, row.actual_s, events, removed)
     if any(not e.cost_id for e in fix.deletions):

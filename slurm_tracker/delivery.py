@@ -62,7 +62,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from slurm_tracker import errors, state
 from slurm_tracker.api import (
@@ -71,6 +71,7 @@ from slurm_tracker.api import (
     FatalApiError,
     RequestFailed,
 )
+from slurm_tracker.statuses import OutboxStatus
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,15 @@ ACK_BATCH = 64  # outcomes recorded in one transaction
 # --- one event ---------------------------------------------------------------------------------
 
 
+#: How one event's delivery ends (an OutboxStatus, or its plain value).
+Delivered = Union[Literal[OutboxStatus.ACKED, OutboxStatus.DEAD], Literal["acked", "dead"]]
+
+
 @dataclass(frozen=True)
 class Delivery:
     """How one event's delivery ended: ``acked`` (the API holds it) or ``dead`` (refused)."""
 
-    status: Literal["acked", "dead"]
+    status: Delivered
     event_id: Optional[str]
     error: str = ""
     attempts: int = 0  # POSTs made in this call
@@ -129,7 +134,7 @@ def deliver(
                     event_key,
                     event_id,
                 )
-                return Delivery("acked", event_id, attempts=posts, found_by_lookup=True)
+                return Delivery(OutboxStatus.ACKED, event_id, attempts=posts, found_by_lookup=True)
         posts += 1
         before_attempt(posts)
         log.debug("event %s: POST attempt %d to %s", event_key, posts, allocation)
@@ -142,9 +147,9 @@ def deliver(
             raise
         except errors.ApiError as exc:
             log.info("event %s dead-lettered: %s", event_key, exc)
-            return Delivery("dead", None, error=str(exc), attempts=posts)
+            return Delivery(OutboxStatus.DEAD, None, error=str(exc), attempts=posts)
         log.info("event %s acked as %s", event_key, created["id"])
-        return Delivery("acked", str(created["id"]), attempts=posts)
+        return Delivery(OutboxStatus.ACKED, str(created["id"]), attempts=posts)
 
     try:
         return client.with_retries(attempt)
@@ -198,7 +203,7 @@ class _Result:
     """What a worker did with one row."""
 
     row: state.OutboxRow
-    kind: Literal["acked", "dead", "failed", "refused", "unsent", "error"]
+    kind: Union[Delivered, Literal["failed", "refused", "unsent", "error"]]
     delivery: Optional[Delivery] = None
     message: str = ""
     outcome_unknown: bool = False
@@ -342,33 +347,35 @@ class _Pass:
         if result.kind == "unsent":
             self.unsend([row])
             return
-        if result.kind in ("acked", "dead"):
+        if result.kind in (OutboxStatus.ACKED, OutboxStatus.DEAD):
             self.counts["failed_in_a_row"] = 0
         delivery = result.delivery
-        if result.kind == "acked" and delivery is not None:
+        if result.kind == OutboxStatus.ACKED and delivery is not None:
             self.counts["acked"] += 1
             self.counts["found"] += int(delivery.found_by_lookup)
             self.write(
                 state.OutboxUpdate(
                     key,
-                    "acked",
+                    OutboxStatus.ACKED,
                     event_id=delivery.event_id,
                     extra=extra,
                     found_by_lookup=delivery.found_by_lookup,
                 )
             )
-        elif result.kind == "dead" and delivery is not None:
+        elif result.kind == OutboxStatus.DEAD and delivery is not None:
             log.info("event %s dead-lettered: %s", key, delivery.error)  # summarised: run()
             self.dead[(row.allocation, row.sku)] += 1
             self.first_dead = self.first_dead or f"{key}: {delivery.error}"
             self.counts["dead"] += 1
-            self.write(state.OutboxUpdate(key, "dead", error=delivery.error, extra=extra))
+            self.write(
+                state.OutboxUpdate(key, OutboxStatus.DEAD, error=delivery.error, extra=extra)
+            )
         else:  # failed (API unavailable) or refused (stop the pass)
             self.counts["pending"] += 1
             self.write(
                 state.OutboxUpdate(
                     key,
-                    "pending",
+                    OutboxStatus.PENDING,
                     error=result.message,
                     outcome_unknown=result.outcome_unknown,
                     extra=extra,
@@ -390,7 +397,7 @@ class _Pass:
             self.counts["pending"] += 1
             self.write(
                 state.OutboxUpdate(
-                    row.event_key, "pending", outcome_unknown=row.needs_lookup, extra=-1
+                    row.event_key, OutboxStatus.PENDING, outcome_unknown=row.needs_lookup, extra=-1
                 )
             )
 

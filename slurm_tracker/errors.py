@@ -1,4 +1,4 @@
-"""Domain errors. Only cli.py turns them into messages and exit codes.
+"""Domain errors. Only the cli package turns them into messages and exit codes.
 
 Every error says what failed, on which input, and what to do about it.
 """

@@ -81,7 +81,7 @@ def plan(
 ) -> list[PlannedEvent]:
     """One event per segment and SKU; charges whose metric the run does not hold give none.
 
-    ``agent`` (pipeline.agent_id) names the agent in the metadata, so that the API's record
+    ``agent`` (ledger.agent_id) names the agent in the metadata, so that the API's record
     says who billed what (a second agent on the same cluster is noticed). ``rate`` rates each
     event as it is made; its problems go to ``problems``."""
     events: list[PlannedEvent] = []

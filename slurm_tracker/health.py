@@ -34,13 +34,14 @@ from slurm_tracker.config import MONITORING_THRESHOLDS
 from slurm_tracker.errors import TrackerError
 from slurm_tracker.files import write_atomically
 from slurm_tracker.state import State
+from slurm_tracker.statuses import OutboxStatus, SyncOutcome
 
 log = logging.getLogger(__name__)
 
 #: Outcomes of a sync that read sacct and committed its plan (undelivered events are measured
 #: by their own thresholds); any other outcome is a failed sync.
-SUCCESS_OUTCOMES = frozenset({"ok", "undelivered"})
-FAILED = "failed"
+SUCCESS_OUTCOMES = frozenset({SyncOutcome.OK, SyncOutcome.UNDELIVERED})
+FAILED = SyncOutcome.FAILED
 FAILURE_SUFFIX = ".last-failure"
 REASON_MAX = 300
 
@@ -246,16 +247,16 @@ def check(
     if history["recorded"] == 0:
         return unknown(f"no sync recorded in {state_path} yet")
     counts = store.counts()
-    waiting = store.outbox(("pending", "sending"), limit=1)
+    oldest = store.oldest_waiting_at()
     high = store.high_water_at()
     values: dict[str, Optional[int]] = {
         "last_success_age": _seconds(now_at, history["lastSuccessAt"]),
         "high_water_lag": _seconds(now_at, high),
         "failed_syncs": history["failedInARow"],
-        "dead_events": counts.get("dead", 0),
-        "held_events": counts.get("held", 0),
-        "pending_events": counts.get("pending", 0) + counts.get("sending", 0),
-        "oldest_pending_age": _seconds(now_at, waiting[0].created_at) if waiting else 0,
+        "dead_events": counts.get(OutboxStatus.DEAD, 0),
+        "held_events": counts.get(OutboxStatus.HELD, 0),
+        "pending_events": counts.get(OutboxStatus.PENDING, 0) + counts.get(OutboxStatus.SENDING, 0),
+        "oldest_pending_age": _seconds(now_at, oldest) if oldest is not None else 0,
         "quarantined": store.quarantine_count(),
     }
     metrics = tuple(

@@ -19,6 +19,7 @@ from slurm_tracker import health
 from slurm_tracker.errors import TrackerError
 from slurm_tracker.files import write_atomically
 from slurm_tracker.state import State
+from slurm_tracker.statuses import WAITING
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def render(
         int((last["finishedAt"] - last["startedAt"]).total_seconds()) if last is not None else None
     )
     counts = store.counts()
-    waiting = store.outbox(("pending", "sending"), limit=1)
+    oldest = store.oldest_waiting_at()
     high = store.high_water_at()
     w = _Writer()
     w.gauge(
@@ -154,7 +155,7 @@ def render(
         "outbox_events",
         "gauge",
         "Events in the outbox not yet delivered, by status.",
-        [({"status": s}, counts.get(s, 0)) for s in ("pending", "sending", "held", "dead")],
+        [({"status": s}, counts.get(s, 0)) for s in WAITING],
     )
     w.family(
         "outbox_events_by_sku",
@@ -168,7 +169,7 @@ def render(
     w.gauge(
         "oldest_pending_age_seconds",
         "Age of the oldest event waiting to be delivered (0 when none).",
-        int((now_at - waiting[0].created_at).total_seconds()) if waiting else 0,
+        int((now_at - oldest).total_seconds()) if oldest is not None else 0,
     )
     w.gauge(
         "high_water_lag_seconds",

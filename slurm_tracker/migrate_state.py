@@ -31,7 +31,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
-from slurm_tracker import pipeline, reconcile
+from slurm_tracker import inputs, pipeline, reconcile
 from slurm_tracker.config import Config
 from slurm_tracker.errors import StateError
 from slurm_tracker.migrate import OldJob, read_old_state
@@ -356,7 +356,7 @@ def migrate(
     used = _used(state_path)
     records, _ = reconcile.read_records(
         config,
-        pipeline.Window(start, now_at),
+        inputs.Window(start, now_at),
         sacct_file=sacct_file,
         stdin=stdin,
         environ=environ,

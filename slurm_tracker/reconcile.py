@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, BinaryIO, Optional
 
-from slurm_tracker import api, ledger, pipeline, rating, report
+from slurm_tracker import api, catalog_admin, inputs, ledger, pipeline, planning, rating, report
 from slurm_tracker.config import Config
 from slurm_tracker.delivery import DeliveryReport
 from slurm_tracker.events import QUANTUM, plan, rfc3339
@@ -113,7 +113,7 @@ class Fix:
 
 @dataclass(frozen=True)
 class Report:
-    window: pipeline.Window
+    window: inputs.Window
     agent: str
     runs: int  # runs judged
     events: int  # our cluster's events read
@@ -138,7 +138,7 @@ def reconcile(
     *,
     agent: str,
     now_at: datetime,
-    window: pipeline.Window,
+    window: inputs.Window,
     floor_at: Optional[datetime] = None,
     catalog: Optional[rating.Catalog] = None,
     legacy: Iterable[LegacyEvent] = (),
@@ -152,7 +152,7 @@ def reconcile(
     (ledger.legacy_events), counted as billing the core-hours of the runs they belong to.
     """
     clusters = set(config.sacct.clusters or (config.cluster,))
-    latest, _ = pipeline.latest_records(records)
+    latest, _ = planning.latest_records(records)
     runs = {r.run.text: r for r in latest if r.cluster in clusters}
     old_by_run = _legacy_by_run(runs.values(), legacy)
     ours = list({e.cost_id or id(e): e for e in billed if e.parts.cluster in clusters}.values())
@@ -247,7 +247,7 @@ def _not_judged(record: JobRecord, config: Config, now_at: datetime) -> str:
     return f"implausible, quarantined by syncs: {problem}" if problem else ""
 
 
-def _inside(event: BilledEvent, window: pipeline.Window) -> bool:
+def _inside(event: BilledEvent, window: inputs.Window) -> bool:
     start, end = event.started_at, event.ended_at
     return bool(start and end and window.start_at <= start and end <= window.end_at)
 
@@ -706,7 +706,7 @@ def apply_repair(
 
 def read_records(
     config: Config,
-    window: pipeline.Window,
+    window: inputs.Window,
     *,
     sacct_file: Optional[str],
     stdin: BinaryIO,
@@ -720,29 +720,29 @@ def read_records(
     latest: list[JobRecord] = []
     rejected = 0
     if sacct_file is not None:
-        given = pipeline.gather(config, window, sacct_file, stdin, environ)
-        parsed = pipeline.parse_input(config, given, None)
+        given = inputs.gather(config, window, sacct_file, stdin, environ)
+        parsed = inputs.parse_input(config, given, None)
         latest, rejected = list(parsed.records), len(parsed.rejected)
     else:
-        chunks = pipeline.chunks(window.start_at, window.end_at, config.sacct.backfill_chunk_s)
+        chunks = inputs.chunks(window.start_at, window.end_at, config.sacct.backfill_chunk_s)
         for number, chunk in enumerate(chunks):
             if number:
                 sleep(config.sacct.backfill_pause_s)
             log.info("reconcile chunk %d/%d", number + 1, len(chunks))
-            parsed = pipeline.parse_input(config, pipeline.read_live(config, chunk, environ), None)
-            latest, _ = pipeline.latest_records([*latest, *parsed.records])
+            parsed = inputs.parse_input(config, inputs.read_live(config, chunk, environ), None)
+            latest, _ = planning.latest_records([*latest, *parsed.records])
             rejected += len(parsed.rejected)
-    latest, _ = pipeline.latest_records(latest)
+    latest, _ = planning.latest_records(latest)
     return [r for r in latest if _overlaps(r, window)], rejected
 
 
-def _overlaps(record: JobRecord, window: pipeline.Window) -> bool:
+def _overlaps(record: JobRecord, window: inputs.Window) -> bool:
     """Whether sacct -S -E would return the run for the window (it ran inside it)."""
     start, end = record.start_at, record.end_at
     return start is not None and start < window.end_at and (end is None or end >= window.start_at)
 
 
-def read_since(records: Sequence[JobRecord], window: pipeline.Window) -> datetime:
+def read_since(records: Sequence[JobRecord], window: inputs.Window) -> datetime:
     """From when the API's events are read (by endedAt): every event of a run ends after the
     run's start, so the earliest start of the runs judged (or the window's start) is enough."""
     starts = [r.start_at for r in records if r.start_at is not None]
@@ -752,7 +752,7 @@ def read_since(records: Sequence[JobRecord], window: pipeline.Window) -> datetim
 def read_billed(client: ledger.UsageLister, config: Config, since: datetime) -> list[BilledEvent]:
     """Our events of our clusters on the mapped allocations that ended at ``since`` or later
     (each once, even when paging showed an item twice)."""
-    allocations = pipeline.mapped_allocations(config)
+    allocations = catalog_admin.mapped_allocations(config)
     found: dict[str, BilledEvent] = {}
     unnamed: list[BilledEvent] = []
     for cluster in config.sacct.clusters or (config.cluster,):
@@ -769,7 +769,7 @@ def examine(
     store: State,
     client: ledger.UsageLister,
     records: Sequence[JobRecord],
-    window: pipeline.Window,
+    window: inputs.Window,
     catalog: Optional[rating.Catalog] = None,
 ) -> Report:
     """Read the API's events for ``records`` and judge them (our agent: the state file's).
@@ -782,7 +782,7 @@ def examine(
     if store.migration() is not None:
         legacy = ledger.legacy_events(
             client,
-            pipeline.mapped_allocations(config),
+            catalog_admin.mapped_allocations(config),
             config.sacct.clusters or (config.cluster,),
             ended_from=since,
         )

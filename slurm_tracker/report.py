@@ -619,29 +619,25 @@ def sync_text(result: SyncResult) -> str:
 
 
 def status_info(store: State, now_at: datetime, skew_s: int = 300) -> dict[str, Any]:
-    """What `slurm-tracker status` reports, as plain values."""
-    high = store.high_water_at()
-    waiting = store.outbox(("pending", "sending"), limit=1)
-    counts = store.counts()
-
-    def totals(since_at: datetime) -> list[dict[str, Any]]:
-        return [
-            {"allocation": a, "sku": s, "quantity": number(q), "events": n}
-            for a, s, q, n in store.totals_since(since_at)
-        ]
-
-    last = store.last_sync()
+    """What `slurm-tracker status` reports, as plain values (from one State.status_snapshot)."""
+    snap = store.status_snapshot((now_at - timedelta(days=1), now_at - timedelta(days=30)))
+    high = snap.high_water_at
+    last_day, last_30_days = (
+        [{"allocation": a, "sku": s, "quantity": number(q), "events": n} for a, s, q, n in totals]
+        for totals in snap.acked_since
+    )
+    last = snap.last_sync
     return {
         "stateFile": str(store.path),
         "highWaterMark": rfc3339(high) if high else None,
         "highWaterAgeSeconds": int((now_at - high).total_seconds()) if high else None,
         "highWaterInFuture": bool(high and high > now_at + timedelta(seconds=skew_s)),
-        "quarantined": store.quarantine_count(),
-        "openCorrections": store.correction_count(),
-        "outbox": counts,
-        "oldestPending": rfc3339(waiting[0].created_at) if waiting else None,
-        "reportedLastDay": totals(now_at - timedelta(days=1)),
-        "reportedLast30Days": totals(now_at - timedelta(days=30)),
+        "quarantined": snap.quarantined,
+        "openCorrections": snap.open_corrections,
+        "outbox": snap.outbox,
+        "oldestPending": rfc3339(snap.oldest_waiting_at) if snap.oldest_waiting_at else None,
+        "reportedLastDay": last_day,
+        "reportedLast30Days": last_30_days,
         "lastSync": None
         if last is None
         else {

@@ -10,14 +10,16 @@ sequence in a user's text can create, change, hide or merge a record (README, "S
 * the only user-controlled text, JobName, is asked for only when the configuration sends job
   names as metadata, and then last;
 * parse.parse_live checks the header and the exact field count of every record.
+
+The field lists and delimiters live in :mod:`slurm_tracker.sacct_format` (the readers import
+them from there without importing this module); they are re-exported here on purpose, for the
+callers that build queries (pipeline, costs.reading, tests) and import them from ``sacct``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import secrets
 import shlex
 import signal
 import subprocess
@@ -25,35 +27,18 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 from .errors import SacctUnavailable
+from .sacct_format import (
+    CAPTURE_DELIMITER,
+    DELIMITER_RE,
+    FREE_TEXT_FIELD,
+    LIVE_FIELDS,
+    REPORT_FIELDS,
+    live_fields,
+    new_delimiter,
+    report_fields,
+)
 
 logger = logging.getLogger(__name__)
-
-#: The delimiter of the documented capture command (saved files read with --sacct-file). The live
-#: query never uses it: see new_delimiter.
-CAPTURE_DELIMITER = "|#|"
-LIVE_FIELDS = (
-    "Cluster",
-    "JobID",
-    "JobIDRaw",
-    "Account",
-    "Partition",
-    "User",
-    "Group",
-    "QOS",
-    "Submit",
-    "Eligible",
-    "Start",
-    "End",
-    "ElapsedRaw",
-    "State",
-    "ExitCode",
-    "AllocTRES",
-    "NNodes",
-    "NodeList",
-    "Reservation",
-    "JobName",
-)  # free text (JobName) last
-FREE_TEXT_FIELD = "JobName"
 
 #: The only variables sacct gets (an allow-list: never the API key, nothing that changes which
 #: jobs it selects or how it prints them, such as SACCT_FORMAT, SACCT_FEDERATION,
@@ -74,7 +59,6 @@ _KEPT_ENV = frozenset(
     }
 )
 _KEPT_PREFIXES = ("LC_",)
-_DELIMITER_RE = re.compile(r"\|~[0-9a-f]{32}~\|")
 
 _STDERR_LINES = 10
 _KILL_WAIT_S = 5.0
@@ -84,16 +68,6 @@ def _utc_text(at: datetime) -> str:
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"sacct window bound {at!r} must be timezone-aware")
     return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def new_delimiter() -> str:
-    """A delimiter nobody can predict: ``|~`` + 128 random bits in hex + ``~|``."""
-    return f"|~{secrets.token_hex(16)}~|"
-
-
-def live_fields(with_job_name: bool) -> tuple[str, ...]:
-    """The fields of the live query; JobName (user text) only when it is needed, and last."""
-    return LIVE_FIELDS if with_job_name else LIVE_FIELDS[:-1]
 
 
 def build_command(
@@ -113,7 +87,7 @@ def build_command(
     sacct.clusters) become ``--clusters``; ``extra_args`` were checked by the config's
     allow-list.
     """
-    if not _DELIMITER_RE.fullmatch(delimiter):
+    if not DELIMITER_RE.fullmatch(delimiter):
         raise ValueError("the live delimiter must come from new_delimiter()")
     if FREE_TEXT_FIELD in fields and fields[-1] != FREE_TEXT_FIELD:
         raise ValueError("JobName must be the last field")
@@ -220,40 +194,6 @@ def run_sacct(argv: Sequence[str], *, timeout_s: float, environ: Mapping[str, st
 
 # --- the cost and utilisation report (slurm_tracker.costs): allocations AND their steps ------
 
-#: Fields of the report's query. Unlike the billing query it reads step records (no
-#: ``--allocations``): TotalCPU, MaxRSS, AveRSS, NTasks and the TRES usage of each step give
-#: the utilisation. No free text but JobName, asked for only when grouping by it, and last.
-REPORT_FIELDS = (
-    "Cluster",
-    "JobID",
-    "JobIDRaw",
-    "Account",
-    "Partition",
-    "User",
-    "Submit",
-    "Start",
-    "End",
-    "ElapsedRaw",
-    "State",
-    "AllocTRES",
-    "ReqTRES",
-    "ReqMem",
-    "NNodes",
-    "NodeList",
-    "NTasks",
-    "TotalCPU",
-    "MaxRSS",
-    "AveRSS",
-    "TRESUsageInAve",
-    "TRESUsageInMax",
-    "JobName",
-)  # free text (JobName) last
-
-
-def report_fields(with_job_name: bool) -> tuple[str, ...]:
-    """The fields of the report's query; JobName only when it is needed, and last."""
-    return REPORT_FIELDS if with_job_name else REPORT_FIELDS[:-1]
-
 
 def build_report_command(
     sacct_path: str,
@@ -278,3 +218,18 @@ def build_report_command(
     )
     argv.remove("--allocations")
     return argv
+
+
+__all__ = [
+    "CAPTURE_DELIMITER",
+    "FREE_TEXT_FIELD",
+    "LIVE_FIELDS",
+    "REPORT_FIELDS",
+    "build_command",
+    "build_report_command",
+    "live_fields",
+    "new_delimiter",
+    "report_fields",
+    "run_sacct",
+    "sacct_environment",
+]

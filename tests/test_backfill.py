@@ -13,8 +13,8 @@ import pytest
 
 from slurm_tracker import backfill
 from slurm_tracker.health import sync_history
+from slurm_tracker.inputs import Window
 from slurm_tracker.models import JobRecord, ParseResult, Tres
-from slurm_tracker.pipeline import Window
 from slurm_tracker.state import State
 from tests.conftest import shown
 from tests.factories import live_capture, write_fake_sacct

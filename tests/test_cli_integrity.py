@@ -491,7 +491,7 @@ def test_a_config_file_others_can_write_is_refused(
 
 def _emulator_catalog() -> dict[str, Any]:
     catalog = copy.deepcopy(dict(DEFAULT_CATALOG))
-    del catalog["skus"]["gpu-hours"]["GPU_HOUR"]  # one code in two units: see test_pipeline
+    del catalog["skus"]["gpu-hours"]["GPU_HOUR"]  # one code in two units: see test_catalog_admin
     return catalog
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -15,6 +16,7 @@ import pytest
 
 from slurm_tracker import manual
 from slurm_tracker.cli import main
+from slurm_tracker.output import OutputFormat
 from tests.conftest import cli_runner, shown
 from tests.factories import live_capture, write_fake_sacct
 from tests.fake_api import BASE
@@ -144,3 +146,52 @@ def test_the_man_page_is_roff_that_man_renders(tmp_path: Path) -> None:
         check=False,
     )
     assert rendered.returncode == 0 and rendered.stderr == "", rendered.stderr
+
+
+def test_the_man_page_lists_the_exit_codes() -> None:
+    page = cli_runner().invoke(main, ["help", "--man"]).stdout
+    section = page.split("\n.SH EXIT STATUS\n", 1)[1].split("\n.SH ", 1)[0]
+    assert "0 ok" in section and "6 reconcile found discrepancies" in section
+    assert "75 temporary" in section
+
+
+def test_every_output_option_takes_its_choices_from_the_format_enum() -> None:
+    formats = [f.value for f in OutputFormat]
+    for name, command in LEAVES:
+        output = options(command).get("--output")
+        if output is None:
+            continue
+        assert isinstance(output.type, click.Choice), name
+        choices = list(output.type.choices)
+        assert choices == [f for f in formats if f in choices], f"`{name} --output`: {choices}"
+        assert output.process_value(click.Context(command), "json") is OutputFormat.JSON, name
+
+
+def test_cron_commands_never_load_the_report_modules(site: Path) -> None:
+    """`report` imports slurm_tracker.costs inside the command: sync, backfill and status never
+    pay for it (the first check also proves that the probe sees the report's import)."""
+    probe = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from slurm_tracker.cli import main\n"
+        "CliRunner().invoke(main, sys.argv[1:])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('slurm_tracker.costs')))\n"
+    )
+    config = ["--config", str(site / "config.yaml")]
+    capture = str(site / "capture.txt")
+    cases = [
+        (["report", "--sacct-file", capture, *config], True),
+        (["sync", "--dry-run", "--sacct-file", capture, *config], False),
+        (
+            ["backfill", "--start", "2026-01-01", "--dry-run", "--sacct-file", capture, *config],
+            False,
+        ),
+        (["status", *config], False),
+        (["status", "--check", *config], False),
+    ]
+    for args, loads in cases:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True
+        )
+        loaded = done.stdout.strip().splitlines()[-1] != "[]"
+        assert loaded == loads, (args, done.stdout, done.stderr)

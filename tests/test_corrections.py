@@ -35,7 +35,8 @@ from slurm_tracker.corrections import (
 )
 from slurm_tracker.models import JobRecord, ParseResult, SkuCharge
 from slurm_tracker.segments import split
-from slurm_tracker.state import _MIGRATIONS, SCHEMA_VERSION, CorrectionSeen, State
+from slurm_tracker.state import SCHEMA_VERSION, CorrectionSeen, State
+from slurm_tracker.state_schema import MIGRATIONS as _MIGRATIONS
 from tests.conftest import cli_runner, shown
 from tests.emulator import DEFAULT_API_KEY, Emulator
 from tests.factories import live_capture, record, write_fake_sacct

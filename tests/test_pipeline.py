@@ -1,117 +1,23 @@
+"""Orchestration (slurm_tracker/pipeline.py): the window, commits, and the clock passed in."""
+
 from __future__ import annotations
 
-import copy
+import io
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from slurm_tracker import pipeline, rating
-from slurm_tracker.cli import main
+from slurm_tracker import pipeline
+from slurm_tracker.api import AllocationsClient
 from slurm_tracker.config import SacctConfig, config_from_text
-from slurm_tracker.models import ParseResult, Rejected
-from tests.conftest import cli_runner, shown
-from tests.emulator import DEFAULT_API_KEY, DEFAULT_CATALOG, Emulator
-from tests.factories import record
+from slurm_tracker.errors import StateError
+from slurm_tracker.state import State
+from tests.factories import live_capture, write_fake_sacct
+from tests.fake_api import BASE, FakeApi, serving
 
 UTC = timezone.utc
-CONFIG = config_from_text(
-    """
-cluster: box
-reporting_interval: 15m
-accounts: {map: {physics: phys}, ignore: [root]}
-partitions:
-  map:
-    gpu: [{sku: GPU_HOUR, metric: gpu}]
-    compute: CPU_HOUR
-""",
-    "test",
-)
-CATALOG = rating.catalog_from_data(
-    {
-        "units": [
-            {
-                "name": "usd",
-                "ratedInUsd": True,
-                "rules": [
-                    {"effectiveFrom": "2026-01-01T00:00:00Z", "effectiveTo": None, "rate": 0.04}
-                ],
-                "skus": [
-                    {
-                        "code": "GPU_HOUR",
-                        "rules": [
-                            {
-                                "effectiveFrom": "2026-01-01T00:00:00Z",
-                                "effectiveTo": "2026-03-31T23:30:00Z",
-                                "rate": 2.5,
-                            },
-                            {
-                                "effectiveFrom": "2026-03-31T23:30:00Z",
-                                "effectiveTo": None,
-                                "rate": 2,
-                            },
-                        ],
-                    },
-                    {"code": "CPU_HOUR", "rules": []},
-                ],
-            }
-        ]
-    },
-    "test catalog",
-)
-
-
-def parsed(*records: object) -> ParseResult:
-    return ParseResult(records=tuple(records), rejected=())  # type: ignore[arg-type]
-
-
-def test_rate_change_and_month_boundary_during_a_run_give_three_events() -> None:
-    # 2 GPUs from 23:00 on 31 March for 2 h: rate changes at 23:30, the month at 00:00
-    job = record(
-        partition="gpu", gpu=2, elapsed_s=7200, start_at=datetime(2026, 3, 31, 23, 0, tzinfo=UTC)
-    )
-    plan = pipeline.plan_usage(parsed(job), {}, CONFIG, CATALOG)
-    spans = [(e.started_at.strftime("%m-%d %H:%M"), e.quantity, e.rated) for e in plan.events]
-    assert [(s, q) for s, q, _ in spans] == [
-        ("03-31 23:00", Decimal("1.000000")),
-        ("03-31 23:30", Decimal("1.000000")),
-        ("04-01 00:00", Decimal("2.000000")),
-    ]
-    rated = [r for _, _, r in spans]
-    assert all(r is not None for r in rated)
-    assert [(r.sku_rate, r.amount, r.usd) for r in rated if r] == [
-        (Decimal("2.5"), Decimal("2.500000"), Decimal("0.100000")),
-        (Decimal("2"), Decimal("2.000000"), Decimal("0.080000")),
-        (Decimal("2"), Decimal("4.000000"), Decimal("0.160000")),
-    ]
-    (total,) = pipeline.totals(plan.events)
-    assert (total.quantity, total.amount, total.usd) == (
-        Decimal("4.000000"),
-        Decimal("8.500000"),
-        Decimal("0.340000"),
-    )
-
-
-def test_usage_before_the_first_rule_is_a_reported_problem_not_a_zero() -> None:
-    job = record(
-        partition="gpu", gpu=1, elapsed_s=3600, start_at=datetime(2025, 12, 31, 23, 30, tzinfo=UTC)
-    )
-    plan = pipeline.plan_usage(parsed(job), {}, CONFIG, CATALOG)
-    assert [e.rated is None for e in plan.events] == [True, False]
-    assert len(plan.rating_problems) == 1 and "GPU_HOUR" in plan.rating_problems[0]
-    (total,) = pipeline.totals(plan.events)
-    assert total.amount is None and total.quantity == Decimal("1.000000")
-
-
-def test_one_record_per_run_the_most_advanced_wins() -> None:
-    running = record(job_id="5", elapsed_s=1000, final=False)
-    done = record(job_id="5", elapsed_s=4000, final=True)
-    plan = pipeline.plan_usage(parsed(running, done), {}, CONFIG)
-    assert [e.to_s for e in plan.events] == [4000]
-    assert len(plan.skipped) == 1 and "duplicate record" in plan.skipped[0].reason
+T0 = datetime(2026, 2, 1, 12, 0, tzinfo=UTC)  # months before the real clock
 
 
 @pytest.mark.parametrize(
@@ -130,74 +36,132 @@ def test_sync_window(
     assert window == pipeline.Window(expected_start, datetime(2026, 5, 1, 11, 58, tzinfo=UTC))
 
 
-def test_chunks_cover_the_range_exactly() -> None:
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    windows = pipeline.chunks(start, start + timedelta(hours=60), 86400)
-    assert [(w.end_at - w.start_at).total_seconds() / 3600 for w in windows] == [24, 24, 12]
-    assert all(a.end_at == b.start_at for a, b in zip(windows, windows[1:]))
+# --- the clock is passed in: every reading of the time comes from ``clock`` -----------------
 
-
-@settings(max_examples=100, deadline=None)
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["physics", "root", "other"]),
-            st.sampled_from(["compute", "gpu", "debug"]),
-            st.integers(0, 50000),
-            st.booleans(),
-            st.integers(0, 3),
-            st.integers(0, 60000),
-        ),
-        max_size=15,
-    )
+CONFIG = config_from_text(
+    """
+cluster: box
+api: {organization: org}
+accounts: {map: {physics: physics-2026}}
+partitions: {map: {compute: SLURM_CPU_HOUR}}
+""",
+    "test",
 )
-def test_every_record_ends_as_events_or_one_skip(
-    rows: list[tuple[str, str, int, bool, int, int]],
-) -> None:
-    records = [
-        record(job_id=str(i), account=a, partition=p, elapsed_s=e, final=f, gpu=g)
-        for i, (a, p, e, f, g, _) in enumerate(rows)
-    ]
-    reported = {r.run: rows[i][5] for i, r in enumerate(records)}
-    plan = pipeline.plan_usage(
-        ParseResult(tuple(records), (Rejected(1, "bad"),)), reported, CONFIG, CATALOG
-    )
-    billed = {e.run for e in plan.events}
-    skipped = [s.run for s in plan.skipped]
-    assert len(skipped) == len(set(skipped))
-    assert billed.isdisjoint(skipped)
-    assert billed | set(skipped) == {r.run for r in records}
-    assert len(plan.rejected) == 1
 
 
-def test_catalog_pull_writes_a_catalog_the_dry_run_can_use(tmp_path: Path) -> None:
-    # the embedded catalog keys SKUs by code: one code in two units is refused (tested in
-    # test_rating), so the emulator's second GPU_HOUR is left out here
-    catalog = copy.deepcopy(dict(DEFAULT_CATALOG))
-    del catalog["skus"]["gpu-hours"]["GPU_HOUR"]
-    with Emulator(catalog) as emulator:
-        config = tmp_path / "config.yaml"
-        config.write_text(
-            f"cluster: box\napi: {{organization: test-org, url: '{emulator.base_url}'}}\n"
-            "accounts: {map: {physics: physics}}\npartitions: {map: {compute: CPU_HOUR}}\n"
-            "catalog_file: catalog.yaml\n"
-        )
-        result = cli_runner().invoke(
-            main, ["catalog", "pull", "--config", str(config)], env={"PW_API_KEY": DEFAULT_API_KEY}
-        )
-    assert result.exit_code == 0, shown(result)
-    pulled = rating.load_catalog_file(tmp_path / "catalog.yaml")
-    assert {"CPU_HOUR", "GPU_HOUR", "MEM_GB_HOUR", "OLD_SKU"} <= set(pulled.skus)
-    assert pulled.skus["OLD_SKU"].archived
-    cpu = rating.rate(
-        pulled,
-        "CPU_HOUR",
-        Decimal(2),
-        datetime(2026, 2, 1, tzinfo=UTC),
-        datetime(2026, 2, 1, 1, tzinfo=UTC),
+def pinned(at: datetime) -> pipeline.Clock:
+    return lambda: at
+
+
+def test_commit_caps_the_mark_at_the_clock_passed_in(tmp_path: Path) -> None:
+    with State.open(tmp_path / "state.db") as store:
+        empty = pipeline.Plan((), (), ())
+        pipeline.commit(store, empty, T0, T0 + timedelta(hours=1), clock=pinned(T0))
+        assert store.high_water_at() == T0  # the real clock would allow T0 + 1 h
+
+
+def test_a_mark_ahead_of_the_clock_passed_in_is_refused(tmp_path: Path) -> None:
+    with State.open(tmp_path / "state.db") as store:
+        pipeline.commit(store, pipeline.Plan((), (), ()), T0, T0, clock=pinned(T0))
+        assert pipeline.check_mark(store, CONFIG, clock=pinned(T0)) == T0
+        with pytest.raises(StateError, match="in the future"):
+            pipeline.check_mark(store, CONFIG, clock=pinned(T0 - timedelta(hours=1)))
+
+
+def capture(tmp_path: Path) -> Path:
+    """One run of job 7 on 4 CPUs from T0 - 2 h to T0 - 1 h."""
+    start = int((T0 - timedelta(hours=2)).timestamp())
+    row = {
+        "JobID": "7",
+        "Account": "physics",
+        "Partition": "compute",
+        "Submit": str(start - 60),
+        "Start": str(start),
+        "End": str(start + 3600),
+        "ElapsedRaw": "3600",
+        "State": "COMPLETED",
+        "AllocTRES": "billing=4,cpu=4,mem=1G,node=1",
+    }
+    path = tmp_path / "sacct.txt"
+    path.write_bytes(live_capture([row]))
+    return path
+
+
+def sync_at(tmp_path: Path, clock_at: datetime) -> pipeline.SyncResult:
+    client = AllocationsClient(
+        BASE, "org", "pwt_test.secret", sleep=lambda _s: None, max_attempts=1
     )
-    assert (cpu.amount, cpu.usd) == (Decimal("3.000000"), Decimal("0.150000"))
-    show = cli_runner().invoke(
-        main, ["catalog", "show", "--config", str(config), "--at", "2025-06-01T00:00:00Z"]
+    request = pipeline.SyncRequest(clock_at, str(capture(tmp_path)), None, io.BytesIO(), {})
+    with State.open(tmp_path / "state.db") as store:
+        return pipeline.sync_once(CONFIG, store, client, None, request, clock=pinned(clock_at))
+
+
+def test_a_sync_reads_the_time_from_the_clock_passed_in(tmp_path: Path) -> None:
+    api = FakeApi()
+    with serving(api):
+        early = sync_at(tmp_path, T0 - timedelta(hours=3))  # the run ends in its future
+        assert not early.plan.events and not api.events
+        (rejected,) = early.plan.rejected
+        assert "is in the future" in rejected.reason
+        later = sync_at(tmp_path, T0)
+    assert later.new_events == 1 and api.jobs() == ["7"]
+    with State.open(tmp_path / "state.db") as store:
+        finished = [s["finishedAt"] for s in store.recent_syncs()]
+        assert finished == [T0, T0 - timedelta(hours=3)]
+        assert store.ledger_checked_at() == T0  # the API's record compared
+        (acked,) = store.outbox(("acked",))
+        assert acked.updated_at == T0  # delivered
+        # pruned on the same clock: the entry resolved at T0 is kept 30 days after it
+        assert len(store.quarantine_rows(include_resolved=True)) == 1
+
+
+def test_commit_stream_caps_the_mark_at_the_clock_passed_in(tmp_path: Path) -> None:
+    with State.open(tmp_path / "state.db") as store:
+        batches = [pipeline.Plan((), (), ()), pipeline.Plan((), (), ())]
+        pipeline.commit_stream(store, batches, T0, T0 + timedelta(hours=1), clock=pinned(T0))
+        assert store.high_water_at() == T0
+
+
+def test_a_live_sync_caps_the_mark_at_the_clock_passed_in(tmp_path: Path) -> None:
+    fake = write_fake_sacct(tmp_path / "sacct", capture(tmp_path))
+    config = config_from_text(
+        f"cluster: box\napi: {{organization: org}}\nsacct: {{path: '{fake}', lag: 5m}}\n"
+        "accounts: {map: {physics: physics-2026}}\npartitions: {map: {compute: SLURM_CPU_HOUR}}\n",
+        "test",
     )
-    assert show.exit_code == 0 and "CPU_HOUR" in shown(show)
+    client = AllocationsClient(BASE, "org", "pwt_test.secret", sleep=lambda _s: None)
+    request = pipeline.SyncRequest(T0, None, None, io.BytesIO(), {})
+    clock_at = T0 - timedelta(minutes=10)  # the window ends at T0 - 5 min
+    with serving(FakeApi()), State.open(tmp_path / "state.db") as store:
+        pipeline.sync_once(config, store, client, None, request, clock=pinned(clock_at))
+        assert store.high_water_at() == clock_at
+
+
+def test_a_sync_and_a_dry_run_refuse_a_mark_ahead_of_the_clock_passed_in(tmp_path: Path) -> None:
+    with State.open(tmp_path / "state.db") as store:
+        pipeline.commit(store, pipeline.Plan((), (), ()), T0, T0, clock=pinned(T0))
+    with pytest.raises(StateError, match="in the future"):
+        sync_at(tmp_path, T0 - timedelta(hours=1))
+    with State.open(tmp_path / "state.db", readonly=True) as store, pytest.raises(StateError):
+        dry_at(tmp_path, store, T0 - timedelta(hours=1))
+
+
+def test_a_dry_run_reads_the_time_from_the_clock_passed_in(tmp_path: Path) -> None:
+    with State.open(tmp_path / "state.db", readonly=True) as store:
+        (plan,) = list(dry_at(tmp_path, store, T0 - timedelta(hours=3)).plans)
+    assert not plan.events and "is in the future" in plan.rejected[0].reason
+
+
+def dry_at(tmp_path: Path, store: State, clock_at: datetime) -> pipeline.DryRun:
+    return pipeline.dry_run(
+        CONFIG,
+        store,
+        None,
+        now_at=T0,
+        sacct_file=str(capture(tmp_path)),
+        fields=None,
+        stdin=io.BytesIO(),
+        environ={},
+        agent="test",
+        clock=pinned(clock_at),
+    )

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 
-from slurm_tracker import events, pipeline
+from slurm_tracker import events, pipeline, planning
 from slurm_tracker.config import Limits, config_from_text
 from slurm_tracker.models import JobRecord, ParseResult, Tres
 from slurm_tracker.plausibility import implausible
@@ -131,7 +131,7 @@ def test_an_unexpected_failure_in_one_record_is_a_rejection(
             raise OverflowError("date value out of range")
         return real(segments, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "plan", explode)
+    monkeypatch.setattr(planning, "plan", explode)
     result = plan(record(job_id="7"), record(job_id="8"))
     assert [e.metadata["jobId"] for e in result.events] == ["8"]
     (rejected,) = result.rejected

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slurm_tracker import parse, pipeline, rating, report
+from slurm_tracker import inputs, parse, pipeline, rating, report
 from slurm_tracker.cli import main
 from slurm_tracker.config import config_from_text
 from slurm_tracker.errors import InputError
@@ -254,7 +254,7 @@ def test_false_candidates_of_the_filter_change_nothing(
     data = capture(200, duplicates=10)
     stream = saved_stream(opener(data), cluster="box", source="x")
     found = pipeline.duplicate_records(stream)
-    monkeypatch.setattr(pipeline, "_SEEN_BITS", 8)  # every id a candidate
+    monkeypatch.setattr(inputs, "_SEEN_BITS", 8)  # every id a candidate
     assert pipeline.duplicate_records(stream) == found
 
 
