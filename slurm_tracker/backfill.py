@@ -33,6 +33,7 @@ from slurm_tracker.pipeline import (
     compare_with_api,
     deliver_and_finish,
     utc_now,
+    without_events,
 )
 from slurm_tracker.planning import plan_usage
 from slurm_tracker.plans import Plan, merge_plans, reported_after
@@ -193,7 +194,7 @@ def run(
             agent=agent,
         )
         new += commit(store, plan, utc_now(), None)
-        plans.append(plan)
+        plans.append(without_events(plan))  # committed: keep the counts, not the events
         if saved is None:
             store.set_backfill_done(period.start_at, period.chunk_s, window.end_at)
         sent = deliver_outbox(store, client, utc_now, config.api.concurrency)

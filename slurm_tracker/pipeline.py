@@ -360,16 +360,16 @@ def commit_stream(
     for batch in plans:  # one plan ahead, to know which is the last
         if waiting is not None:
             new += commit(store, waiting, now_at, None, clock=clock)
-            done.append(_without_events(waiting))
+            done.append(without_events(waiting))
         waiting = batch
     if waiting is None:
         waiting = Plan((), (), ())
     new += commit(store, waiting, now_at, high_water_at, clock=clock)
-    done.append(_without_events(waiting))
+    done.append(without_events(waiting))
     return merge_plans(done), new
 
 
-def _without_events(plan: Plan) -> Plan:
+def without_events(plan: Plan) -> Plan:
     """What a sync reports of a committed batch: its counts and lists, not its events."""
     return Plan(
         events=(),

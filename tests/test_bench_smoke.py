@@ -95,3 +95,19 @@ def test_the_state_benchmark_runs() -> None:
         assert float(measured.replace(",", "")) > 0 and float(target.replace(",", "")) > 0
         assert float(ratio) >= 0
     assert "72 syncs over 0.25 days" in done.stdout
+
+
+def test_one_command_runs_every_benchmark() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run_all.py", "--list"],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    scripts = [line.split()[0] for line in done.stdout.splitlines()]
+    assert scripts == ["bench_pipeline.py", "bench_delivery.py", "bench_state.py"]
+    present = sorted(p.name for p in (REPO / "benchmarks").glob("bench_*.py"))
+    assert sorted(scripts) == present  # a new benchmark is run by run_all.py too
