@@ -9,6 +9,7 @@ a few clean syncs bill every run exactly (DESIGN.md invariants 1, 2, 4 and 5).
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -309,7 +310,7 @@ class SyncMachine(RuleBasedStateMachine):
 
 
 SyncMachine.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=int(os.environ.get("SYNC_MACHINE_EXAMPLES", "60")),
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
