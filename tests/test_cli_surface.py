@@ -14,8 +14,7 @@ from pathlib import Path
 import click
 import pytest
 
-from slurm_tracker import manual
-from slurm_tracker.cli import main
+from slurm_tracker.cli import main, manual
 from slurm_tracker.output import OutputFormat
 from tests.conftest import cli_runner, shown
 from tests.factories import live_capture, write_fake_sacct

@@ -10,8 +10,8 @@ from typing import Optional
 
 import click
 
-from slurm_tracker import __version__, health, manual, pipeline, report
-from slurm_tracker.cli import common
+from slurm_tracker import __version__, health, pipeline, report
+from slurm_tracker.cli import common, manual
 from slurm_tracker.cli.common import (
     EXIT_CONFIG,
     api_client,
