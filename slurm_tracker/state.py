@@ -17,7 +17,8 @@ API's id; acknowledged rows are deleted an hour after the last comparison with t
 outlives them is counted as they are acknowledged: cumulative totals per (allocation, SKU) for
 the metrics (``totals``) and per hour for ``status`` (``acked_hours``, 31 days). The per-run
 progress (a table WITHOUT ROWID: its key stored once) is what keeps billing exactly once; it is
-pruned once no window can return a run. New files use ``auto_vacuum=INCREMENTAL``; a file made
+pruned once no window can return a run (with saved files alone, which have no window: a week
+behind the newest billed end). New files use ``auto_vacuum=INCREMENTAL``; a file made
 by an older version is VACUUMed once when migrated (under the lock), and a prune that leaves
 more than a quarter of the file free gives the free pages back.
 
@@ -92,6 +93,7 @@ from slurm_tracker.state_schema import (
     MIGRATIONS,
     QUARANTINE_TEXT_MAX,
     RECORD_RETENTION_S,
+    SAVED_FILE_SLACK_S,
     SCHEMA_VERSION,
     SIDE_SUFFIXES,
     STATUSES,
@@ -108,6 +110,7 @@ __all__ = [
     "JOURNAL_SIZE_LIMIT",
     "QUARANTINE_TEXT_MAX",
     "RECORD_RETENTION_S",
+    "SAVED_FILE_SLACK_S",
     "SCHEMA_VERSION",
     "STATUSES",
     "VACUUM_FREE_SHARE",

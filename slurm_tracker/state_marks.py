@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 from slurm_tracker.errors import StateError
 from slurm_tracker.state_base import StateBase
 from slurm_tracker.state_rows import epoch, from_epoch, iso
-from slurm_tracker.state_schema import HOURS_KEPT, RECORD_RETENTION_S, VACUUM_FREE_SHARE
+from slurm_tracker.state_schema import (
+    HOURS_KEPT,
+    RECORD_RETENTION_S,
+    SAVED_FILE_SLACK_S,
+    VACUUM_FREE_SHARE,
+)
 
 log = logging.getLogger("slurm_tracker.state")
 
@@ -124,9 +130,12 @@ class MarksMixin(StateBase):
 
         A final run is kept while it could still appear in a window: it ended after the
         high-water mark minus the overlap, with a day to spare. Without a mark (only saved
-        sacct files were read: they have no window) no progress is forgotten: a file may hold
-        any run, and one that ended before a horizon and was never billed would be skipped as
-        forgotten (the sync state machine's conservation check finds exactly that).
+        sacct files were read: they have no window) the newest billed end of a final run
+        stands in for the mark (never later than ``now_at``), with SAVED_FILE_SLACK_S more to
+        spare: a file fed that much later than the newest one brings runs that are skipped as
+        forgotten, as a window over pruned history does. Runs are first seen while they run or
+        right after they end, so a run a later file brings for the first time is newer than
+        the horizon unless the files are fed out of order by more than the slack.
 
         An acknowledged event is kept ``retention_s`` after its acknowledgement, counted from
         the last comparison with the API's record when that is older (it reads the keys of the
@@ -142,10 +151,8 @@ class MarksMixin(StateBase):
         record_before = now - max(retention_s, RECORD_RETENTION_S)
         removed_runs = 0
         with self._tx("prune it") as cur:
-            row = cur.execute("SELECT value FROM meta WHERE key='high_water_at'").fetchone()
-            high = None if row is None else int(row[0])
-            if high is not None:
-                horizon = high - overlap_s - 86400
+            horizon = self._progress_horizon(cur, now, overlap_s)
+            if horizon is not None:
                 cur.execute("DELETE FROM progress WHERE final=1 AND last_end_at < ?", (horizon,))
                 removed_runs = cur.rowcount
                 if removed_runs:
@@ -170,6 +177,17 @@ class MarksMixin(StateBase):
             cur.execute("DELETE FROM acked_hours WHERE hour < ?", (now // 3600 - HOURS_KEPT,))
         self._give_back_free_pages()
         return removed_runs, removed_events
+
+    @staticmethod
+    def _progress_horizon(cur: sqlite3.Cursor, now: int, overlap_s: int) -> Optional[int]:
+        """Final runs that ended (start + billed seconds) before this epoch are forgotten."""
+        row = cur.execute("SELECT value FROM meta WHERE key='high_water_at'").fetchone()
+        if row is not None:
+            return int(row[0]) - overlap_s - 86400
+        newest = cur.execute("SELECT max(last_end_at) FROM progress WHERE final=1").fetchone()
+        if newest is None or newest[0] is None:
+            return None
+        return min(int(newest[0]), now) - overlap_s - 86400 - SAVED_FILE_SLACK_S
 
     def _give_back_free_pages(self) -> None:
         """With auto_vacuum=INCREMENTAL, free pages beyond a quarter of the file go back to the

@@ -30,6 +30,9 @@ CORRECTION_COLUMNS = (
 )
 CORRECTION_STATUSES = ("open", "applied", "dismissed")
 RECORD_RETENTION_S = 30 * 86400  # dropped events and resolved quarantine entries: kept this long
+#: Without a high-water mark (only saved sacct files were read), a final run's progress is kept
+#: this much longer than a live window would need, behind the newest billed end (State.prune).
+SAVED_FILE_SLACK_S = 7 * 86400
 HOURS_KEPT = 31 * 24  # hours of acknowledged totals kept for `status` (its last 30 days)
 VACUUM_FREE_SHARE = 4  # a prune leaving more than 1/4 of the pages free gives them back
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # the -wal file is truncated to this after a checkpoint

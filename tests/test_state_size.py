@@ -272,22 +272,45 @@ def test_status_totals_are_kept_by_the_hour_for_thirty_days(tmp_path: Path) -> N
 # ------------------------------------------------------------------------ progress, space
 
 
-def test_without_a_mark_no_progress_is_forgotten(tmp_path: Path) -> None:
-    """Saved sacct files have no window (no high-water mark): any run may be in the next one,
-    so no final run is forgotten (that would skip a late, never-billed run as forgotten);
-    acknowledged events are still pruned."""
+def test_without_a_mark_progress_is_forgotten_behind_the_newest_billed_end(
+    tmp_path: Path,
+) -> None:
+    """Saved sacct files have no window (no high-water mark): the newest billed end of a final
+    run stands in for the mark, with SAVED_FILE_SLACK_S (a week) more to spare than a window
+    needs, so a state fed by files alone stays bounded too. Mutant: no pruning without a mark
+    (the state grows with every run ever read)."""
     early = events_for("1")  # ended T0 + 1 h
-    late = events_for("3", start_at=T0 + timedelta(days=30))
+    edge = events_for("2", start_at=T0 + timedelta(days=22))  # ends T0 + 22 d + 1 h
+    late = events_for("3", start_at=T0 + timedelta(days=30))  # ends T0 + 30 d + 1 h
+    horizon = T0 + timedelta(days=30, hours=1) - timedelta(hours=1, days=1, weeks=1)
+    assert state.SAVED_FILE_SLACK_S == 7 * 86400
     with State.open(tmp_path / "s.db") as store:
-        store_events(store, early + late)
-        store.record_outcomes([acked(e.event_key) for e in early + late], NOW)
+        store_events(store, early + edge + late)
+        store.record_outcomes([acked(e.event_key) for e in early + edge + late], NOW)
         later = NOW + timedelta(days=40)
         store.adopt([], later, checked_at=later)
-        assert store.prune(later, 3600, 3600) == (0, 2)
-        assert store.pruned_before() is None and store.high_water_at() is None
-        assert store.reported([e.run for e in early + late]) == {
-            early[0].run: 3600,
+        assert store.prune(later, 3600, 3600) == (1, 3)
+        assert store.pruned_before() == horizon and store.high_water_at() is None
+        # edge ended an hour after the horizon: kept, as the late run is
+        assert store.reported([e.run for e in early + edge + late]) == {
+            edge[0].run: 3600,
             late[0].run: 3600,
+        }
+
+
+def test_without_a_mark_the_horizon_never_passes_the_clock(tmp_path: Path) -> None:
+    """A billed end after ``now`` (a clock set back) does not move the horizon past now - 8 d
+    - overlap. Mutant: the newest end taken as it is forgets the run that ended 9 days ago
+    relative to that future end but only 2 days before now."""
+    recent = events_for("1", start_at=NOW - timedelta(days=2))
+    future = events_for("2", start_at=NOW + timedelta(days=7))
+    with State.open(tmp_path / "s.db") as store:
+        store_events(store, recent + future)
+        assert store.prune(NOW, 3600, 3600) == (0, 0)
+        assert store.pruned_before() is None
+        assert set(store.reported([recent[0].run, future[0].run])) == {
+            recent[0].run,
+            future[0].run,
         }
 
 

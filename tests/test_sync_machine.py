@@ -285,9 +285,9 @@ class SyncMachine(RuleBasedStateMachine):
             if run.start_s is not None and run.start_s > self.now_s:
                 self.now_s = run.start_s
         for run in self.runs:
-            if run.start_s is not None:
-                run.elapsed_s = max(run.elapsed_s, 1)
             if not run.final:
+                if run.start_s is not None:  # slurmdbd never rewrites a final run's ElapsedRaw
+                    run.elapsed_s = max(run.elapsed_s, 1)
                 run.final, run.ended_s, run.end_known_s = True, self.now_s, self.now_s
         # slurmdbd has caught up with every end
         self.now_s = max([self.now_s] + [r.end_known_s for r in self.runs])
