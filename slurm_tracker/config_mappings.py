@@ -8,6 +8,7 @@ from typing import Optional, TypeVar
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from slurm_tracker.billing_metrics import active
 from slurm_tracker.config_model import CHARGE_KEYS, CONFIG_KEYS, AccountMapping, PartitionMapping
 from slurm_tracker.config_nodes import (
     NULL_TAG,
@@ -20,7 +21,7 @@ from slurm_tracker.config_nodes import (
     kind_of,
     line_of,
 )
-from slurm_tracker.models import METRICS, Metric, SkuCharge
+from slurm_tracker.models import Metric, SkuCharge
 from slurm_tracker.redaction import quoted, shown_value
 
 _T = TypeVar("_T")
@@ -216,12 +217,12 @@ class MappingReader(NodeReader):
         value = self.text(node, path, "a metric")
         if value is None:
             return None
-        for metric in METRICS:
-            if value == metric:
-                return metric
+        metrics = active()
+        if value in metrics:
+            return value
         self.add(
             path,
             node,
-            f"unknown metric {quoted(value)}; {did_you_mean(value, METRICS)}",
+            f"unknown metric {quoted(value)}; {did_you_mean(value, metrics.names)}",
         )
         return None

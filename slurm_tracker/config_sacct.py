@@ -24,13 +24,10 @@ from slurm_tracker.config_nodes import (
 )
 from slurm_tracker.config_sacct_args import sacct_arg_problems
 from slurm_tracker.redaction import ABSOLUTE_TIME, quoted, redacted_words
+from slurm_tracker.times import utc_text
 
 #: An absolute first_sync_start later than now plus this is a typo.
 FUTURE_TOLERANCE = timedelta(minutes=5)
-
-
-def _utc_text(at: datetime) -> str:
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class SacctReader(NodeReader):
@@ -131,7 +128,7 @@ class SacctReader(NodeReader):
                 self.add(
                     path,
                     node,
-                    f"{_utc_text(start_at)} is in the future (it is now {_utc_text(self.now_at)})"
+                    f"{utc_text(start_at)} is in the future (it is now {utc_text(self.now_at)})"
                     ": a typo? the agent would bill nothing until then; give a time in the past "
                     "or a look-back such as 1d",
                 )

@@ -30,11 +30,11 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Optional
 
+from slurm_tracker.billing_metrics import Amount, active
 from slurm_tracker.config import METADATA_FIELDS
 from slurm_tracker.events import plan
 from slurm_tracker.ledger import BilledEvent
 from slurm_tracker.models import (
-    METRICS,
     JobRecord,
     Metric,
     PlannedEvent,
@@ -137,19 +137,12 @@ def _time(value: Any) -> Optional[datetime]:
 def record_json(record: JobRecord, metadata_fields: Sequence[str] = ()) -> str:
     """What the state keeps of ``record``: its identity, times, TRES, and the fields its events'
     metadata carry (``metadata_fields``, the config's: the job name only when it is sent)."""
-    tres = record.tres
     data: dict[str, Any] = {name: getattr(record, name) for name in _RECORD_FIELDS}
     data.update(
         submit_at=_epoch(record.submit_at),
         start_at=_epoch(record.start_at),
         end_at=_epoch(record.end_at),
-        tres={
-            "cpu": tres.cpu,
-            "mem_mb": str(tres.mem_mb),
-            "node": tres.node,
-            "gpu": tres.gpu,
-            "billing": tres.billing,
-        },
+        tres=_tres_json(record.tres),
         job_name=record.job_name if "job_name" in metadata_fields else "",
         extra={
             field: record.extra[field]
@@ -160,11 +153,32 @@ def record_json(record: JobRecord, metadata_fields: Sequence[str] = ()) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+def _tres_json(tres: Tres) -> dict[str, Any]:
+    """A run's TRES as kept: one key per billing metric (its field), memory as a string (an
+    exact Decimal), counts as numbers."""
+    return {
+        spec.field: str(tres.amount(spec.name)) if spec.amount == "size" else tres.amount(spec.name)
+        for spec in active()
+    }
+
+
+def _tres_from_json(kept: Mapping[str, Any]) -> Tres:
+    """The TRES :func:`_tres_json` kept. A metric the row has no key for is 0 (the row was
+    written before the metric was added); a key no metric has is ignored (written by a newer
+    version): rows are read both ways."""
+    amounts: dict[str, Amount] = {}
+    for spec in active():
+        if spec.field in kept:
+            value = kept[spec.field]
+            amounts[spec.name] = Decimal(str(value)) if spec.amount == "size" else int(value)
+    return Tres.of(amounts)
+
+
 def record_from_json(text: str) -> JobRecord:
     """The record ``record_json`` kept (ValueError when the text is not one)."""
     try:
         data = json.loads(text)
-        tres = data["tres"]
+        tres = dict(data["tres"])
         submit_at = _time(data["submit_at"])
         if submit_at is None:
             raise ValueError("no submit time")
@@ -180,13 +194,7 @@ def record_from_json(text: str) -> JobRecord:
             account=str(data["account"]),
             partition=str(data["partition"]),
             user=str(data["user"]),
-            tres=Tres(
-                cpu=int(tres["cpu"]),
-                mem_mb=Decimal(str(tres["mem_mb"])),
-                node=int(tres["node"]),
-                gpu=int(tres["gpu"]),
-                billing=int(tres["billing"]),
-            ),
+            tres=_tres_from_json(tres),
             job_name=str(data.get("job_name", "")),
             line=int(data.get("line", 0)),
             extra={str(k): str(v) for k, v in dict(data.get("extra", {})).items()},
@@ -300,11 +308,8 @@ def plan_fix(
 
 
 def metric_of(value: object) -> Optional[Metric]:
-    """A metric name read from an event's metadata, if it is one."""
-    for metric in METRICS:
-        if value == metric:
-            return metric
-    return None
+    """A metric name read from an event's metadata, if it is one (billing_metrics)."""
+    return value if isinstance(value, str) and value in active() else None
 
 
 def replacements(

@@ -8,12 +8,16 @@ be looked up on the API (list filter on metadata) when a send's outcome is unkno
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Optional, Union
 
 from slurm_tracker.config import METADATA_FIELDS
 from slurm_tracker.models import JobRecord, Metric, PlannedEvent, Rated, SkuCharge, UsageSegment
+from slurm_tracker.times import utc_text
+
+#: ``2026-01-31T23:59:59Z``: the one formatter of instants (times.utc_text), by its old name.
+rfc3339 = utc_text
 
 #: Rates one event as it is made (``pipeline``: the catalog's engine): (event key, SKU,
 #: quantity, start, end) -> (what it costs or None, a rating problem or None).
@@ -50,7 +54,7 @@ def _record_metadata(
         "cluster": record.cluster,
         "jobId": record.job_id,
         "jobIdRaw": record.job_id_raw,
-        "submittedAt": rfc3339(record.submit_at),
+        "submittedAt": utc_text(record.submit_at),
         "account": record.account,
         "partition": record.partition,
     }
@@ -152,20 +156,10 @@ def request_body(event: PlannedEvent) -> dict[str, object]:
     body: dict[str, object] = {
         "sku": event.sku,
         "quantity": float(event.quantity),
-        "startedAt": rfc3339(event.started_at),
-        "endedAt": rfc3339(event.ended_at),
+        "startedAt": utc_text(event.started_at),
+        "endedAt": utc_text(event.ended_at),
         "metadata": dict(event.metadata),
     }
     if event.user:
         body["user"] = event.user
     return body
-
-
-def rfc3339(value: datetime) -> str:
-    """``2026-01-31T23:59:59Z``: UTC, whole seconds."""
-    if value.tzinfo is timezone.utc and value.year >= 1000:  # the common case, without strftime
-        return (
-            f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
-            f"T{value.hour:02d}:{value.minute:02d}:{value.second:02d}Z"
-        )
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

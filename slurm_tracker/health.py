@@ -35,6 +35,7 @@ from slurm_tracker.errors import TrackerError
 from slurm_tracker.files import write_atomically
 from slurm_tracker.state import State
 from slurm_tracker.statuses import OutboxStatus, SyncOutcome
+from slurm_tracker.times import utc_text
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ def json_times(history: Mapping[str, Any]) -> dict[str, Any]:
     """``sync_history`` with RFC 3339 times, for `status --output json`."""
 
     def iso(at: Optional[datetime]) -> Optional[str]:
-        return at.strftime("%Y-%m-%dT%H:%M:%SZ") if at else None
+        return utc_text(at) if at else None
 
     failure = history["lastFailure"]
     return {

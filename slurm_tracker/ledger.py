@@ -24,6 +24,7 @@ from typing import Any, Optional, Protocol
 from slurm_tracker.errors import ApiError, TemporaryFailure, WriterConflict
 from slurm_tracker.events import KEY_VERSION
 from slurm_tracker.state import AdoptedEvent, State
+from slurm_tracker.times import utc_text
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def check(
     if others and not take_over:
         theirs = [e for e in unknown if e.agent in others]
         latest = max((e.created_at for e in theirs if e.created_at), default=None)
-        when = f", the latest created {latest:%Y-%m-%dT%H:%M:%SZ}" if latest else ""
+        when = f", the latest created {utc_text(latest)}" if latest else ""
         raise WriterConflict(
             f"another slurm-tracker bills cluster {cluster}: {len(theirs)} event(s) from "
             f"{', '.join(others)}{when} (this one is {agent}). Two agents would bill every job "

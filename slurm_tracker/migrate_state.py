@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
@@ -37,6 +37,7 @@ from slurm_tracker.errors import StateError
 from slurm_tracker.migrate import OldJob, read_old_state
 from slurm_tracker.models import JobRecord
 from slurm_tracker.state import State, StateLock
+from slurm_tracker.times import utc_text
 
 #: The floor never goes further back than this before the old agent's last report.
 LOOKBACK_S = 86400
@@ -82,10 +83,6 @@ class Migration:
     skipped: tuple[str, ...] = ()  # left out on request (--skip)
     ignored: int = 0  # rows too old to matter
     warnings: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _iso(at: datetime) -> str:
-    return f"{at.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
 
 
 # ------------------------------------------------------------------------------ planning
@@ -153,8 +150,8 @@ def plan(
     floor = max(floor, window_start + timedelta(seconds=overlap_s))
     if first_sync_start is not None and first_sync_start > floor:
         problems.append(
-            f"sacct.first_sync_start ({_iso(first_sync_start)}) is after the cutover "
-            f"({_iso(floor)}): usage the old agent did not bill before it would never be "
+            f"sacct.first_sync_start ({utc_text(first_sync_start)}) is after the cutover "
+            f"({utc_text(floor)}): usage the old agent did not bill before it would never be "
             "billed; remove sacct.first_sync_start from the config (the migrated floor "
             "replaces it)"
         )
@@ -211,8 +208,8 @@ def _carried(
 def _match(job: OldJob, runs: Sequence[JobRecord]) -> Any:
     """The run ``job`` describes, or why there is none ("unknown: ..." when only listed)."""
     at = job.reported_at
-    state = "running" if job.running else f"completed at {_iso(job.completed_at or at)}"
-    said = f"the old agent billed {job.reported_s} s up to {_iso(at)} ({state})"
+    state = "running" if job.running else f"completed at {utc_text(job.completed_at or at)}"
+    said = f"the old agent billed {job.reported_s} s up to {utc_text(at)} ({state})"
     if not runs:
         return f"unknown: {said}, and slurmdbd returns no run of JobIDRaw {job.job_id}"
     slack = timedelta(seconds=SLACK_S)
@@ -227,8 +224,8 @@ def _match(job: OldJob, runs: Sequence[JobRecord]) -> Any:
         strict = [r for r in current if _running_at(r, at)]
         current = strict or current
     listed = ", ".join(
-        f"{r.run.text} (start {_iso(r.start_at) if r.start_at else '-'}, "
-        f"end {_iso(r.end_at) if r.end_at else 'running'}, elapsed {r.elapsed_s} s)"
+        f"{r.run.text} (start {utc_text(r.start_at) if r.start_at else '-'}, "
+        f"end {utc_text(r.end_at) if r.end_at else 'running'}, elapsed {r.elapsed_s} s)"
         for r in runs
     )
     if not current:
@@ -249,7 +246,7 @@ def _match(job: OldJob, runs: Sequence[JobRecord]) -> Any:
     if job.reported_s > min(possible, run.elapsed_s + SLACK_S) and job.reported_s > 0:
         return (
             f"reused job id: {said}, but the run of JobIDRaw {job.job_id} running then "
-            f"({run.run.text}, started {_iso(run.start_at)}) had run at most "
+            f"({run.run.text}, started {utc_text(run.start_at)}) had run at most "
             f"{max(0, min(possible - SLACK_S, run.elapsed_s))} s: the row mixes two jobs of "
             f"the same id (Slurm wraps job ids at MaxJobId). Nothing can be carried over for "
             f"it safely: check what the old agent billed for it, then run again with --skip "
@@ -272,7 +269,7 @@ def _hours(record: JobRecord, seconds: int) -> Decimal:
 
 def as_json(migration: Migration, written: bool) -> dict[str, Any]:
     return {
-        "floor": _iso(migration.floor_at),
+        "floor": utc_text(migration.floor_at),
         "written": written,
         "runs": [
             {
@@ -299,7 +296,7 @@ def as_json(migration: Migration, written: bool) -> dict[str, Any]:
 
 def as_text(migration: Migration, written: bool, dry_run: bool) -> str:
     lines = [
-        f"billing floor and high-water mark: {_iso(migration.floor_at)} (the cutover); "
+        f"billing floor and high-water mark: {utc_text(migration.floor_at)} (the cutover); "
         f"{len(migration.carried)} run(s) carried over, {migration.ignored} old row(s) too "
         "old to matter"
     ]
@@ -375,8 +372,8 @@ def migrate(
         return migration, False
     note = {
         "from": str(old_path),
-        "at": _iso(now_at),
-        "floor": _iso(migration.floor_at),
+        "at": utc_text(now_at),
+        "floor": utc_text(migration.floor_at),
         "runs": len(migration.carried),
     }
     with StateLock(state_path) as lock:

@@ -3,10 +3,12 @@ parsable text (``AllocTRES``: ``billing=78,cpu=48,gres/gpu:a100=4,gres/gpu=4,mem
 and by the JSON list (``tres.allocated``: ``[{"type": "gres", "name": "gpu:a100", "count": 4},
 ...]``), so that both agree on what counts, above all on GPUs.
 
-Each form has its own front end, which reads its syntax (and its memory unit) into
-``(name, count)`` pairs, names as AllocTRES spells them (the JSON type ``gres`` with the name
-``gpu:a100`` is ``gres/gpu:a100``), and the memory in MiB; :func:`decode_tres` decides what the
-counts mean.
+What is read, and how, is the table of billing metrics (:mod:`slurm_tracker.billing_metrics`):
+each metric names the AllocTRES name it reads, whether it is a count or an amount of memory,
+and whether typed GRES variants count. Each form has its own front end, which reads its syntax
+(and its memory unit) into ``(name, amount)`` pairs of the TRES some metric reads, names as
+AllocTRES spells them (the JSON type ``gres`` with the name ``gpu:a100`` is
+``gres/gpu:a100``), memory in MiB; :func:`decode_tres` decides what the amounts mean.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import re
 from collections.abc import Iterable
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
+from .billing_metrics import Amount, MetricSpec, Registry, active
 from .models import Tres
 from .parse_fields import _NO_VAL, _Bad, _count, _jint, _json_snippet, _jstr
 
@@ -30,39 +33,44 @@ _MIB_PER_UNIT = {
     "T": Decimal(1024) ** 2,
     "P": Decimal(1024) ** 3,
 }
-_COUNTS = frozenset({"cpu", "node", "billing", "gres/gpu"})
-_TYPED_GPU = "gres/gpu:"
 
 
 def counted(name: str) -> bool:
-    """Whether the TRES ``name`` (lower-case, as AllocTRES spells it) is one
-    :func:`decode_tres` counts; the values of the others are never read."""
-    return name in _COUNTS or name.startswith(_TYPED_GPU)
+    """Whether the TRES ``name`` (lower-case, as AllocTRES spells it) is one a billing metric
+    reads (:func:`decode_tres` counts it); the values of the others are never read."""
+    return active().reading(name) is not None
 
 
-def decode_tres(counts: Iterable[tuple[str, int]], mem_mb: Decimal = Decimal(0)) -> Tres:
-    """The one TRES decoder: ``counts`` are (lower-case AllocTRES name, count) pairs of the
-    :func:`counted` TRES that are set, ``mem_mb`` the memory in MiB (its unit depends on the
-    form: each front end reads it).
+def decode_tres(amounts: Iterable[tuple[str, Amount]]) -> Tres:
+    """The one TRES decoder: ``amounts`` are (lower-case AllocTRES name, amount) pairs of the
+    :func:`counted` TRES that are set, memory in MiB (its unit depends on the form: each front
+    end reads it); a name no metric reads is ignored.
 
-    GPUs: the untyped ``gres/gpu`` count when present, else the sum of the typed
-    ``gres/gpu:TYPE`` counts (never both: Slurm lists a typed allocation under both names).
+    A GRES metric's typed variants (GPUs: ``gres/gpu:TYPE``) count when its untyped total
+    (``gres/gpu``) is absent, as their sum; never both: Slurm lists a typed allocation under
+    both names.
     """
-    cpu = node = billing = typed_gpus = 0
-    untyped_gpus: Optional[int] = None
-    for name, count in counts:
-        if name == "cpu":
-            cpu = count
-        elif name == "node":
-            node = count
-        elif name == "billing":
-            billing = count
-        elif name == "gres/gpu":
-            untyped_gpus = count
-        elif name.startswith(_TYPED_GPU):
-            typed_gpus += count
-    gpu = untyped_gpus if untyped_gpus is not None else typed_gpus
-    return Tres(cpu=cpu, mem_mb=mem_mb, node=node, gpu=gpu, billing=billing)
+    registry = active()
+    return _decoded(
+        (read, amount)
+        for read, amount in ((registry.reading(name), amount) for name, amount in amounts)
+        if read is not None
+    )
+
+
+def _decoded(amounts: Iterable[tuple[tuple[MetricSpec, bool], Amount]]) -> Tres:
+    """:func:`decode_tres` of amounts whose metric the front end has already looked up
+    (``Registry.reading``: the metric, and whether the name is a typed variant)."""
+    found: dict[str, Amount] = {}
+    typed: dict[str, Amount] = {}
+    for (spec, is_typed), amount in amounts:
+        if is_typed:
+            typed[spec.name] = typed.get(spec.name, 0) + amount
+        else:
+            found[spec.name] = amount
+    for metric, total in typed.items():
+        found.setdefault(metric, total)
+    return Tres.of(found)
 
 
 # --- parsable text (AllocTRES) ----------------------------------------------------------------
@@ -72,19 +80,18 @@ def parse_tres(text: str) -> Tres:
     """Allocated TRES from ``billing=78,cpu=48,gres/gpu:a100=4,gres/gpu=4,mem=384G,node=1``.
 
     Memory goes to MiB (``K`` = 1/1024 MiB). GPUs: the untyped ``gres/gpu`` count when present,
-    else the sum of the typed ``gres/gpu:TYPE`` counts (never both). Other TRES are ignored.
-    A malformed item raises ValueError.
+    else the sum of the typed ``gres/gpu:TYPE`` counts (never both). TRES no billing metric
+    reads are ignored. A malformed item raises ValueError.
     """
-    return _parse_tres(text)
+    return _parse_tres(text, active())
 
 
 @lru_cache(maxsize=4096)  # allocations repeat: a few hundred shapes in a whole month
-def _parse_tres(text: str) -> Tres:
+def _parse_tres(text: str, registry: Registry) -> Tres:
     stripped = text.strip()
     if not stripped:
-        return Tres()
-    counts: list[tuple[str, int]] = []
-    mem_mb = Decimal(0)
+        return Tres.of({})
+    amounts: list[tuple[tuple[MetricSpec, bool], Amount]] = []
     seen: set[str] = set()
     for item in stripped.split(","):
         match = _TRES_ITEM_RE.fullmatch(item.strip())
@@ -94,29 +101,35 @@ def _parse_tres(text: str) -> Tres:
         if name in seen:
             raise ValueError(f"TRES {name} appears twice")
         seen.add(name)
-        if name == "mem":
-            mem = _MEM_RE.fullmatch(value)
-            if mem is None:
-                raise ValueError(f"mem={value!r} is not an amount of memory")
-            mem_mb = Decimal(mem.group("num")) * _MIB_PER_UNIT[mem.group("unit").upper()]
-        elif counted(name):
-            counts.append((name, _count(name, value)))
-    return decode_tres(counts, mem_mb)
+        read = registry.reading(name)
+        if read is None:
+            continue
+        if read[0].amount == "size":
+            size = _MEM_RE.fullmatch(value)
+            if size is None:
+                raise ValueError(f"{name}={value!r} is not an amount of memory")
+            amounts.append(
+                (read, Decimal(size.group("num")) * _MIB_PER_UNIT[size.group("unit").upper()])
+            )
+        else:
+            amounts.append((read, _count(name, value)))
+    return _decoded(amounts)
 
 
 # --- JSON (tres.allocated) ----------------------------------------------------------------------
 
 
 def tres_from_json(allocated: Any) -> Tres:
-    """Allocated TRES from sacct --json's ``tres.allocated`` list (None: no TRES). Memory
-    counts are MB, as Slurm counts memory; a count that is not set (``NO_VAL``, negative) is
-    skipped. A malformed list or item raises _Bad."""
+    """Allocated TRES from sacct --json's ``tres.allocated`` list (None: no TRES). An item's
+    AllocTRES name is ``type/name``, or ``type`` when its name is empty (as Slurm spells it).
+    Memory counts are MB, as Slurm counts memory; a count that is not set (``NO_VAL``,
+    negative) is skipped. A malformed list or item raises _Bad."""
     if allocated is None:
-        return Tres()
+        return Tres.of({})
     if not isinstance(allocated, list):
         raise _Bad(f"tres.allocated is {_json_snippet(allocated)}, not a list")
-    counts: list[tuple[str, int]] = []
-    mem_mb = Decimal(0)
+    registry = active()
+    amounts: list[tuple[tuple[MetricSpec, bool], Amount]] = []
     for item in allocated:
         if not isinstance(item, dict):
             raise _Bad(f"tres.allocated item {_json_snippet(item)} is not an object")
@@ -125,10 +138,9 @@ def tres_from_json(allocated: Any) -> Tres:
         count = _jint(item.get("count"), f"tres {kind} count")
         if count is None or count < 0 or count >= _NO_VAL:
             continue  # NO_VAL (e.g. energy -2)
-        if kind == "mem":
-            mem_mb = Decimal(count)  # MB, as Slurm counts memory
-        elif kind == "gres":  # the AllocTRES name: type/name, e.g. gres/gpu:a100
-            counts.append((f"gres/{name}", count))
-        elif "/" not in kind:  # a type is one word: "cpu", "node", "billing", "energy"...
-            counts.append((kind, count))
-    return decode_tres(counts, mem_mb)
+        if "/" in kind:  # a type is one word: "cpu", "mem", "gres", "license", "energy"...
+            continue
+        read = registry.reading(f"{kind}/{name}" if name else kind)
+        if read is not None:
+            amounts.append((read, Decimal(count) if read[0].amount == "size" else count))
+    return _decoded(amounts)

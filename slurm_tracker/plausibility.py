@@ -16,13 +16,10 @@ from typing import Optional
 
 from slurm_tracker.config import Limits
 from slurm_tracker.models import JobRecord
+from slurm_tracker.times import utc_text
 
 #: No Slurm accounting record is older than this (slurmdbd appeared in 2008).
 EARLIEST_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
-
-
-def _at(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def implausible(record: JobRecord, now_at: datetime, limits: Limits) -> Optional[str]:
@@ -42,16 +39,16 @@ def implausible(record: JobRecord, now_at: datetime, limits: Limits) -> Optional
         if value is None:
             continue
         if value < EARLIEST_AT:
-            return f"{name} {_at(value)} is before {EARLIEST_AT:%Y}: a corrupt record"
+            return f"{name} {utc_text(value)} is before {EARLIEST_AT:%Y}: a corrupt record"
         if value > latest_at:
             return (
-                f"{name} {_at(value)} is in the future (now {_at(now_at)}, tolerance "
+                f"{name} {utc_text(value)} is in the future (now {utc_text(now_at)}, tolerance "
                 f"sacct clock skew {limits.clock_skew_s} s): a corrupt record or a wrong clock"
             )
     if start_at < record.submit_at - skew:
-        return f"Start {_at(start_at)} is before Submit {_at(record.submit_at)}"
+        return f"Start {utc_text(start_at)} is before Submit {utc_text(record.submit_at)}"
     if end_at is not None and end_at < start_at:
-        return f"End {_at(end_at)} is before Start {_at(start_at)}"
+        return f"End {utc_text(end_at)} is before Start {utc_text(start_at)}"
     wall_s = ((end_at if end_at is not None else now_at) - start_at).total_seconds()
     if record.elapsed_s > wall_s + limits.clock_skew_s:
         upto = "End" if end_at is not None else "now"

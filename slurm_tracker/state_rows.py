@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any, Literal, Optional, Union
 
 from slurm_tracker.statuses import OutboxStatus
+from slurm_tracker.times import utc_text
 
 
 def epoch(value: datetime) -> int:
@@ -21,8 +22,8 @@ def from_epoch(value: Optional[int]) -> Optional[datetime]:
     return None if value is None else datetime.fromtimestamp(value, timezone.utc)
 
 
-def iso(value: datetime) -> str:
-    return f"{value.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+#: ``2026-01-31T23:59:59Z`` (times.utc_text), by its old name here.
+iso = utc_text
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ CPU = SkuCharge("SLURM_CPU_HOUR", "cpu")
 )
 def test_quantity(metric: str, kwargs: dict[str, int], seconds: int, expected: Decimal) -> None:
     seg = split(record(elapsed_s=seconds, **kwargs), 0, seconds)[0]  # type: ignore[arg-type]
-    assert quantity(seg, SkuCharge("X", metric)) == expected  # type: ignore[arg-type]
+    assert quantity(seg, SkuCharge("X", metric)) == expected
 
 
 def test_event_key_is_deterministic_and_names_run_span_and_sku() -> None:

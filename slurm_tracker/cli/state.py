@@ -26,6 +26,7 @@ from slurm_tracker.cli.common import (
 )
 from slurm_tracker.output import OutputFormat, View
 from slurm_tracker.state import State, StateLock
+from slurm_tracker.times import utc_text
 
 
 @main.group()
@@ -142,7 +143,7 @@ def state_rebuild(
         View(
             lambda: (
                 f"{found.read} events of cluster {config.cluster} on the API ended since "
-                f"{since:%Y-%m-%dT%H:%M:%SZ}; {found.adopted} were unknown to {path} and are now "
+                f"{utc_text(since)}; {found.adopted} were unknown to {path} and are now "
                 "counted as billed"
             ),
             data=lambda: {"since": since.isoformat(), "read": found.read, "adopted": found.adopted},
@@ -185,13 +186,13 @@ def state_set_mark(
     if not yes:
         with State.open(path, readonly=True) as store:
             mark = store.high_water_at()
-        old = f"{mark:%Y-%m-%dT%H:%M:%SZ}" if mark else "none"
+        old = utc_text(mark) if mark else "none"
         emit(
             output,
             View(
                 lambda: (
                     f"would set the high-water mark of {path} from {old} to "
-                    f"{time:%Y-%m-%dT%H:%M:%SZ}; pass --yes to do it"
+                    f"{utc_text(time)}; pass --yes to do it"
                 ),
                 data=lambda: {"changed": False, "from": mark, "to": time},
             ),
@@ -201,11 +202,11 @@ def state_set_mark(
         lock.acquire(now_at)
         with State.open(path) as store:
             previous = store.set_high_water(time, now_at, overlap_s=config.sacct.overlap_s)
-    old = f"{previous:%Y-%m-%dT%H:%M:%SZ}" if previous else "none"
+    old = utc_text(previous) if previous else "none"
     emit(
         output,
         View(
-            lambda: f"high-water mark of {path}: {old} -> {time:%Y-%m-%dT%H:%M:%SZ}",
+            lambda: f"high-water mark of {path}: {old} -> {utc_text(time)}",
             data=lambda: {"changed": True, "from": previous, "to": time},
         ),
     )

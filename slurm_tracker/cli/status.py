@@ -31,6 +31,7 @@ from slurm_tracker.cli.common import (
 from slurm_tracker.config import Config
 from slurm_tracker.output import OutputFormat, View
 from slurm_tracker.state import State
+from slurm_tracker.times import utc_text
 
 
 @main.command()
@@ -235,7 +236,7 @@ def _check_state(config: Config, path: Path) -> list[dict[str, str]]:
     skew = config.limits.clock_skew_s
     if mark is not None and mark > pipeline.utc_now() + timedelta(seconds=skew):
         message = (
-            f"high-water mark {mark:%Y-%m-%dT%H:%M:%SZ} is in the future: syncs would bill "
+            f"high-water mark {utc_text(mark)} is in the future: syncs would bill "
             "nothing; fix the clock, then `slurm-tracker state set-mark TIME`"
         )
         found.append({"kind": "state file", "status": "problem", "message": message})

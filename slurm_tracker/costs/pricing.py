@@ -6,8 +6,9 @@ Two sources, chosen in one place (:func:`prices_for`):
   GPU, by partition (exact names, then globs, then ``default``), in one currency;
 * otherwise the rating catalog of the SKUs the partition is mapped to (``partitions.map``), with
   its effective-dated rules: each SKU's metric (cpu, mem, gpu, node, billing) is priced at
-  ``sku_rate x unit_rate`` (USD when the unit is rated in USD, else the unit itself). Node and
-  billing SKUs are counted as "other" allocated cost.
+  ``sku_rate x unit_rate`` (USD when the unit is rated in USD, else the unit itself), under the
+  metric's cost resource (billing_metrics: node and billing SKUs are "other" allocated cost).
+  Memory SKUs count the report's allocated memory (the larger of requested and used).
 
 Node prices (for the overhead of idle capacity) only come from ``pricing.nodes``.
 Nothing here raises for a run: a price that cannot be found is a note, and that run's span is
@@ -24,14 +25,15 @@ from fnmatch import fnmatchcase
 from typing import Optional, TypeVar
 
 from slurm_tracker import rating
+from slurm_tracker.billing_metrics import COST_RESOURCES, active
 from slurm_tracker.config import Config, PartitionMapping, PricingConfig, ResourcePrices
 from slurm_tracker.costs.steps import RunUsage, expand_hostlist
 
 T = TypeVar("T")
 
-#: Resources of the allocated cost; "other" is what node and billing SKUs charge.
-RESOURCES = ("cpu", "mem", "gpu", "other")
-_METRIC_RESOURCE = {"cpu": "cpu", "mem": "mem", "gpu": "gpu", "node": "other", "billing": "other"}
+#: Resources of the allocated cost; "other" is what node and billing SKUs charge. Which one a
+#: SKU's metric is priced under is the metric's ``resource`` (billing_metrics).
+RESOURCES = COST_RESOURCES
 _GLOB = frozenset("*?")
 
 
@@ -136,6 +138,7 @@ class Prices:
             except rating.RateMissing as exc:
                 self.note(str(exc))
         points = sorted(cuts)
+        metrics = active()
         spans = []
         for low, high in zip(points, points[1:]):
             per_hour: dict[str, Decimal] = {}
@@ -143,7 +146,7 @@ class Prices:
                 price = self._sku_price(charge.sku, low, high)
                 if price is None:
                     continue
-                resource = _METRIC_RESOURCE[charge.metric]
+                resource = metrics[charge.metric].resource
                 count = (
                     usage.mem_allocated_gb
                     if charge.metric == "mem"

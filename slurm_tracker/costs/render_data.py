@@ -19,6 +19,7 @@ from typing import Any, Optional
 from slurm_tracker.costs.intervals import instant
 from slurm_tracker.costs.model import HOUR, UNALLOCATED, Report, Row
 from slurm_tracker.costs.pricing import RESOURCES
+from slurm_tracker.times import utc_text
 
 SCHEMA = "slurm-tracker.report/1"
 _Q = Decimal("0.000001")
@@ -53,7 +54,7 @@ def number(value: Optional[Decimal]) -> Optional[float]:
 
 
 def rfc3339(seconds: int) -> str:
-    return instant(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_text(instant(seconds))
 
 
 def _used(used: Decimal, known: Decimal) -> Optional[Decimal]:
