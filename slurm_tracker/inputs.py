@@ -1,13 +1,17 @@
 """Input: the sacct output a sync reads, a saved capture or one live sacct call.
 
-A saved capture is read as a stream (parse.RecordStream), block by block from its file
-(standard input is spooled to a temporary file first, as it is read twice); a live call's
-output is held whole and read strictly with the call's own delimiter. :func:`duplicate_records`
-is the first pass over a stream: the runs written more than once, found in bounded memory.
+Both are read as a stream (parse.RecordStream), block by block from a file, in bounded memory:
+a saved capture from its file (standard input is spooled to a temporary file first, as it is
+read twice), a live call's output from the temporary file it was spooled to as sacct printed
+it (:func:`call_sacct`, the one place a sacct query is run, for syncs, backfills, reconcile
+and the cost report), read strictly with the call's own delimiter and only once sacct has
+exited successfully. :func:`duplicate_records` is the first pass over a stream: the runs
+written more than once, found in bounded memory.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -16,14 +20,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import BinaryIO, Optional, TypeVar
+from typing import Any, BinaryIO, Optional
 from zoneinfo import ZoneInfo
 
 from slurm_tracker import sacct
 from slurm_tracker.config import Config, SacctConfig
 from slurm_tracker.errors import InputError, SacctUnavailable
 from slurm_tracker.models import JobRecord, ParseResult, RunKey, Skipped
-from slurm_tracker.parse import RecordStream, live_stream, parse_live, parse_sacct, saved_stream
+from slurm_tracker.parse import (
+    RecordStream,
+    live_file_stream,
+    parse_live,
+    parse_sacct,
+    saved_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +73,45 @@ class Input:
     fields: tuple[str, ...] = ()
 
 
-def read_live(config: Config, window: Window, environ: Mapping[str, str]) -> Input:
-    """One sacct call for ``window`` (raises SacctUnavailable, a temporary failure).
+@dataclass(frozen=True)
+class LiveOutput:
+    """What one live sacct call printed, spooled to an anonymous temporary file (0600, gone
+    when closed): ``opener`` opens it, once per pass."""
 
-    A fresh unpredictable delimiter every call, and JobName only when the config sends job
-    names as metadata (see sacct.py).
+    opener: Callable[[], BinaryIO]
+    size: int
+    source: str
+    delimiter: str
+    fields: tuple[str, ...]
+
+
+def call_sacct(
+    config: Config,
+    window: Window,
+    environ: Mapping[str, str],
+    *,
+    with_job_name: bool,
+    with_steps: bool = False,
+) -> LiveOutput:
+    """One sacct call for ``window``: the billing query (allocations only), or with
+    ``with_steps`` the cost report's (allocations and their steps). Raises SacctUnavailable (a
+    temporary failure) when sacct cannot be run, times out or exits non-zero.
+
+    A fresh unpredictable delimiter every call, JobName only when ``with_job_name`` (and last),
+    the allow-listed environment (see sacct.py). The output goes to a temporary file as it
+    comes, so memory does not grow with it, and it is handed on only once sacct's exit status
+    is known: nothing of a failed call is ever read.
     """
     delimiter = sacct.new_delimiter()
-    fields = sacct.live_fields("job_name" in config.metadata_fields)
-    argv = sacct.build_command(
+    if with_steps:
+        fields = sacct.report_fields(with_job_name)
+        build = sacct.build_report_command
+        log.info("running sacct (with steps) for %s .. %s", window.start_at, window.end_at)
+    else:
+        fields = sacct.live_fields(with_job_name)
+        build = sacct.build_command
+        log.info("running sacct for %s .. %s", window.start_at, window.end_at)
+    argv = build(
         config.sacct.path,
         window.start_at,
         window.end_at,
@@ -80,11 +120,65 @@ def read_live(config: Config, window: Window, environ: Mapping[str, str]) -> Inp
         fields=fields,
         clusters=config.sacct.clusters,
     )
-    log.info("running sacct for %s .. %s", window.start_at, window.end_at)
-    data = sacct.run_sacct(
-        argv, timeout_s=config.sacct.timeout_s, environ=sacct.sacct_environment(environ)
+    spool = _spool_file()
+    write = _spool_writer(spool)
+    size = sacct.stream_sacct(
+        argv, write, timeout_s=config.sacct.timeout_s, environ=sacct.sacct_environment(environ)
     )
-    return Input(data, f"sacct ({config.sacct.path})", window, delimiter, fields)
+    _flush(spool)
+    return LiveOutput(_reopener(spool), size, f"sacct ({config.sacct.path})", delimiter, fields)
+
+
+def _spool_file() -> BinaryIO:
+    try:
+        return tempfile.TemporaryFile()
+    except OSError as exc:
+        raise _spool_error(exc) from exc
+
+
+def _spool_writer(spool: BinaryIO) -> Callable[[bytes], object]:
+    def write(block: bytes) -> None:
+        try:
+            spool.write(block)
+        except OSError as exc:
+            raise _spool_error(exc) from exc
+
+    return write
+
+
+def _flush(spool: BinaryIO) -> None:
+    try:
+        spool.flush()  # the passes read it through their own descriptors
+    except OSError as exc:
+        raise _spool_error(exc) from exc
+
+
+def _spool_error(exc: OSError) -> OSError:
+    """An OSError saying where sacct's output was kept (a full disk is a temporary failure)."""
+    where = f"{tempfile.gettempdir()} (the temporary file sacct's output is kept in)"
+    return OSError(exc.errno, exc.strerror or str(exc), where)
+
+
+def _reopener(spool: BinaryIO) -> Callable[[], BinaryIO]:
+    """Opens ``spool`` from its start, with a position of its own (once per pass)."""
+
+    def open_it() -> BinaryIO:
+        return io.BufferedReader(_SpoolReader(spool), 1 << 16)
+
+    return open_it
+
+
+def read_live(config: Config, window: Window, environ: Mapping[str, str]) -> Input:
+    """One sacct call for ``window`` (call_sacct), its output read whole: for the callers that
+    hold a chunk's records anyway (backfill, reconcile). A sync streams it (open_input)."""
+    output = call_sacct(config, window, environ, with_job_name=_with_job_name(config))
+    with output.opener() as handle:
+        data = handle.read()
+    return Input(data, output.source, window, output.delimiter, output.fields)
+
+
+def _with_job_name(config: Config) -> bool:
+    return "job_name" in config.metadata_fields
 
 
 def file_zone(cfg: SacctConfig) -> tzinfo:
@@ -109,9 +203,19 @@ def gather(
 
 
 def parse_input(config: Config, given: Input, fields: Optional[Sequence[str]]) -> ParseResult:
-    """Records of ``given``: the live query's output strictly, a saved file as detected."""
+    """Records of ``given``: the live query's output strictly (output it cannot read is a
+    temporary failure, SacctUnavailable), a saved file as detected."""
     if given.delimiter is not None:
-        return _strictly(parse_live, config, given, given.delimiter)
+        try:
+            return parse_live(
+                given.data,
+                delimiter=given.delimiter,
+                fields=given.fields,
+                cluster=config.cluster,
+                source=given.source,
+            )
+        except InputError as exc:
+            raise _temporary(exc) from exc
     return parse_sacct(
         given.data,
         cluster=config.cluster,
@@ -121,24 +225,9 @@ def parse_input(config: Config, given: Input, fields: Optional[Sequence[str]]) -
     )
 
 
-_Read = TypeVar("_Read")
-
-
-def _strictly(read: Callable[..., _Read], config: Config, given: Input, delimiter: str) -> _Read:
-    """The live query's output read strictly by ``read`` (parse_live, live_stream): output it
-    cannot read is a temporary failure (SacctUnavailable)."""
-    try:
-        return read(
-            given.data,
-            delimiter=delimiter,
-            fields=given.fields,
-            cluster=config.cluster,
-            source=given.source,
-        )
-    except InputError as exc:
-        raise SacctUnavailable(
-            f"{exc}; nothing was recorded or advanced, the next run tries again"
-        ) from exc
+def _temporary(exc: InputError) -> SacctUnavailable:
+    """Live output that cannot be read: a temporary failure (another program answered)."""
+    return SacctUnavailable(f"{exc}; nothing was recorded or advanced, the next run tries again")
 
 
 def open_input(
@@ -151,11 +240,21 @@ def open_input(
 ) -> tuple[RecordStream, Optional[Window]]:
     """The records to plan, as a stream: a saved file (read block by block; standard input is
     spooled to a temporary file first, as it is read twice), or one live sacct call for
-    ``window`` (returned with it)."""
+    ``window`` (returned with it), its output spooled to a temporary file as it comes and read
+    from there block by block, strictly, once sacct has exited successfully."""
     if sacct_file is None:
-        given = read_live(config, window, environ)
-        assert given.delimiter is not None
-        return _strictly(live_stream, config, given, given.delimiter), window
+        output = call_sacct(config, window, environ, with_job_name=_with_job_name(config))
+        try:
+            stream = live_file_stream(
+                output.opener,
+                delimiter=output.delimiter,
+                fields=output.fields,
+                cluster=config.cluster,
+                source=output.source,
+            )
+        except InputError as exc:
+            raise _temporary(exc) from exc
+        return stream, window
     source = "stdin" if sacct_file == "-" else sacct_file
     opener = _spooled(stdin) if sacct_file == "-" else _opener(sacct_file)
     stream = saved_stream(
@@ -181,14 +280,27 @@ def _spooled(stdin: BinaryIO) -> Callable[[], BinaryIO]:
     """Standard input copied to an anonymous temporary file, opened once per pass."""
     spool = tempfile.TemporaryFile()  # noqa: SIM115 (kept open by the opener)
     shutil.copyfileobj(stdin, spool, 1 << 20)
-    spool.flush()  # the passes read it through their own descriptors
+    spool.flush()  # the passes read it through their own readers
+    return _reopener(spool)
 
-    def open_it() -> BinaryIO:
-        handle = os.fdopen(os.dup(spool.fileno()), "rb")
-        handle.seek(0)
-        return handle
 
-    return open_it
+class _SpoolReader(io.RawIOBase):
+    """Reads a spool file from its start at positions of its own (``os.pread``): passes over
+    one spool never move each other, even when one is opened while another is read."""
+
+    def __init__(self, spool: BinaryIO) -> None:
+        super().__init__()
+        self._spool = spool  # kept open (and alive) as long as a reader is
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self._spool.fileno(), len(buffer), self._at)
+        buffer[: len(data)] = data
+        self._at += len(data)
+        return len(data)
 
 
 def chunks(start_at: datetime, end_at: datetime, chunk_s: int) -> list[Window]:

@@ -177,20 +177,48 @@ def _live_header(data: bytes, mark: bytes, fields: Sequence[str], source: str) -
 def _live_framed(data: bytes, position: int, mark: bytes, count: int) -> Iterator[Framed]:
     """The records of the live query's output after its header (which ends at ``position``),
     framed by :func:`_live_record`, with their first line numbers."""
+    return _live_framed_blocks(data, position, iter(()), mark, count, ended=True)
+
+
+def _live_framed_blocks(
+    data: bytes,
+    position: int,
+    more: Iterator[bytes],
+    mark: bytes,
+    count: int,
+    *,
+    ended: bool = False,
+) -> Iterator[Framed]:
+    """:func:`_live_framed` of an output whose first bytes are ``data`` (its header ending at
+    ``position``) and whose rest ``more`` gives block by block, holding one block and the
+    record being framed at a time: the same records, problems and line numbers as the whole
+    output gives, wherever the blocks are cut. A record is framed once the bytes that decide
+    where it ends are in (see :func:`_live_record`)."""
     line = 2
-    while position < len(data):
-        if data[position : position + 1].isspace() and not data[position:].strip():
-            break  # only blanks are left (checked when a blank is seen: it stays linear)
-        chunk, problem, next_position = _live_record(data, position, mark, count)
-        yield line, chunk, problem
-        line += data.count(b"\n", position, next_position)
-        position = next_position
+    while True:
+        while position < len(data):
+            if data[position : position + 1].isspace() and not data[position:].strip():
+                break  # only blanks so far (checked when a blank is seen: it stays linear)
+            found = _live_record(data, position, mark, count, ended)
+            if found is None:
+                break  # it may end in the next block
+            chunk, problem, next_position = found
+            yield line, chunk, problem
+            line += data.count(b"\n", position, next_position)
+            position = next_position
+        if ended:
+            return
+        block = next(more, b"")
+        ended = not block
+        data = data[position:] + block
+        position = 0
 
 
 def _live_record(
-    data: bytes, position: int, mark: bytes, count: int
-) -> tuple[bytes, Optional[str], int]:
-    """(record, problem, where the next one starts) of the record at ``position``.
+    data: bytes, position: int, mark: bytes, count: int, ended: bool = True
+) -> Optional[tuple[bytes, Optional[str], int]]:
+    """(record, problem, where the next one starts) of the record at ``position``; None when
+    that depends on bytes after ``data`` (not ``ended``: more may follow).
 
     A record is exactly ``count`` fields, each followed by the delimiter, then a newline. The
     delimiter cannot occur inside a value, so the ``count``-th one ends the record, whatever
@@ -202,14 +230,21 @@ def _live_record(
     for _ in range(count):
         found = data.find(mark, end)
         if found < 0:
+            if not ended:
+                return None
             break
         end = found + len(mark)
     else:
-        if data[end : end + 1] == b"\n":
+        after = data[end : end + 1]
+        if after == b"\n":
             return data[position : end - len(mark)], None, end + 1
+        if not after and not ended:
+            return None
     terminator = mark + b"\n"
     stop = data.find(terminator, position)
     if stop < 0:
+        if not ended:
+            return None
         return data[position:], "truncated record: it does not end with the delimiter", len(data)
     chunk = data[position:stop]
     return (

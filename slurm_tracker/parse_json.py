@@ -1,13 +1,17 @@
 """``sacct --json`` (Slurm 21.08 to 25.11) and slurmrestd ``/slurmdb`` job responses to
 records (part of the reader, :mod:`slurm_tracker.parse`): one JobRecord or Rejected per job.
+
+The document is read job by job (:mod:`slurm_tracker.parse_json_stream`), never as one tree:
+memory is bounded by the largest job, not the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .errors import InputError
 from .models import JobRecord, ParseResult, Rejected, RunKey
@@ -22,51 +26,129 @@ from .parse_fields import (
     _snippet,
     parse_state,
 )
+from .parse_json_stream import Event, NotJson, blocks_of, events
 from .parse_rows import _result
 from .parse_tres import tres_from_json
 
 logger = logging.getLogger("slurm_tracker.parse")  # the reader's one logger, whichever module
 
 
+#: Bytes of an in-memory document decoded at a time.
+_BLOCK_BYTES = 1 << 20
+
+
 def _parse_json(data: bytes, *, cluster: str, source: str) -> ParseResult:
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise InputError(
-            f"{source}: starts with '{{' but is not valid JSON ({exc}); expected the output of "
-            "sacct --json or a slurmrestd /slurmdb jobs response"
-        ) from exc
-    jobs = document.get("jobs") if isinstance(document, dict) else None
-    if not isinstance(jobs, list):
-        errors = document.get("errors") if isinstance(document, dict) else None
-        detail = f" (its errors: {_snippet(json.dumps(errors))})" if errors else ""
-        raise InputError(
-            f'{source}: JSON without a "jobs" list{detail}; expected the output of sacct '
-            "--json or a slurmrestd /slurmdb jobs response"
-        )
-    if isinstance(document, dict) and document.get("errors"):
-        logger.warning("%s: the JSON reports errors: %s", source, _json_snippet(document["errors"]))
+    """The records of a whole ``sacct --json`` document, as :class:`JsonJobs` reads them."""
     records: list[JobRecord] = []
     rejected: list[Rejected] = []
-    steps = 0
-    for index, job in enumerate(jobs, start=1):
-        if isinstance(job, dict) and isinstance(job.get("steps"), list):
-            steps += len(job["steps"])
-        try:
-            records.append(_record_from_json(job, index=index, cluster=cluster))
-        except Exception as exc:  # a corrupt record must never stop the run
-            reason = str(exc) if isinstance(exc, _Bad) else f"{type(exc).__name__}: {exc}"
-            job_id, run = _json_identity(job, cluster)
-            rejected.append(
-                Rejected(
-                    index,
-                    f"job #{index}: {_snippet(reason)}",
-                    _json_snippet(job),
-                    job_id=job_id,
-                    run=run,
-                )
-            )
+    steps = index = 0
+    document = _Document(source)
+    for kind, _key, value in document.walk(lambda: blocks_of(data, _BLOCK_BYTES)):
+        if kind == "jobs":  # json.loads keeps the last "jobs" member: start again
+            records, rejected, steps, index = [], [], 0, 0
+        elif kind == "job":
+            index += 1
+            steps += job_steps(value)
+            item = job_item(value, index=index, cluster=cluster)
+            if isinstance(item, JobRecord):
+                records.append(item)
+            else:
+                rejected.append(item)
+    document.check()
     return _result(source, records, rejected, steps)
+
+
+class JsonJobs:
+    """The jobs of a ``sacct --json`` document (or a slurmrestd ``/slurmdb`` jobs response)
+    read block by block, in bounded memory (parse_json_stream), as often as needed.
+
+    ``blocks`` gives the document's bytes in blocks, from its start, once per pass. The whole
+    document is checked first: InputError, as :func:`_parse_json` raises it, when it is not
+    valid JSON or has no "jobs" list. :meth:`jobs` then gives the elements of the list that
+    ``json.loads`` keeps (the last "jobs" member).
+    """
+
+    def __init__(self, blocks: Callable[[], Iterator[bytes]], source: str) -> None:
+        self._blocks = blocks
+        self._document = _Document(source)
+        for _event in self._document.walk(blocks):
+            pass
+        self._document.check()
+        self._array = self._document.jobs_array
+
+    def jobs(self) -> Iterator[Any]:
+        arrays = 0
+        for kind, _key, value in self._document.walk(self._blocks):
+            if kind == "jobs":
+                arrays += 1
+            elif kind == "job" and arrays == self._array:
+                yield value
+
+
+class _Document:
+    """A walk of the document (parse_json_stream.events) with the errors of _parse_json, and
+    what the check needs: which "jobs" member is the last, and the last "errors" member."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.jobs_array: Optional[int] = None  # the last "jobs" member: its array's number
+        self.errors: Any = None
+
+    def walk(self, blocks: Callable[[], Iterator[bytes]]) -> Iterator[Event]:
+        arrays = 0
+        self.jobs_array, self.errors = None, None
+        try:
+            for event in events(blocks()):
+                kind, key, value = event
+                if kind == "jobs":
+                    arrays += 1
+                    self.jobs_array = arrays
+                elif key == "jobs":
+                    self.jobs_array = None  # not a list
+                elif key == "errors":
+                    self.errors = value
+                yield event
+        except NotJson as exc:
+            raise InputError(
+                f"{self.source}: starts with '{{' but is not valid JSON ({exc}); expected the "
+                "output of sacct --json or a slurmrestd /slurmdb jobs response"
+            ) from exc
+
+    def check(self) -> None:
+        """After a walk: InputError without a "jobs" list; the errors the document reports
+        logged."""
+        errors = self.errors
+        if self.jobs_array is None:
+            detail = f" (its errors: {_snippet(json.dumps(errors))})" if errors else ""
+            raise InputError(
+                f'{self.source}: JSON without a "jobs" list{detail}; expected the output of '
+                "sacct --json or a slurmrestd /slurmdb jobs response"
+            )
+        if errors:
+            logger.warning("%s: the JSON reports errors: %s", self.source, _json_snippet(errors))
+
+
+def job_steps(job: Any) -> int:
+    """How many step records a JSON job holds (counted as ignored, as parsable steps are)."""
+    if isinstance(job, dict) and isinstance(job.get("steps"), list):
+        return len(job["steps"])
+    return 0
+
+
+def job_item(job: Any, *, index: int, cluster: str) -> Union[JobRecord, Rejected]:
+    """The JobRecord of the ``index``-th job (from 1), or its Rejected; never raises."""
+    try:
+        return _record_from_json(job, index=index, cluster=cluster)
+    except Exception as exc:  # a corrupt record must never stop the run
+        reason = str(exc) if isinstance(exc, _Bad) else f"{type(exc).__name__}: {exc}"
+        job_id, run = _json_identity(job, cluster)
+        return Rejected(
+            index,
+            f"job #{index}: {_snippet(reason)}",
+            _json_snippet(job),
+            job_id=job_id,
+            run=run,
+        )
 
 
 def _json_identity(job: Any, cluster: str) -> tuple[str, Optional[RunKey]]:

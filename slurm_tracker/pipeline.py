@@ -1,28 +1,33 @@
 """Orchestration: one sync, one dry run, and the steps the backfill, reconcile and corrections
 share (read -> compare the API's record -> plan -> commit -> deliver -> prune -> record).
 
-The steps live in their own modules: reading sacct output (inputs.py), planning
-(planning.py, plans.py), the exactly-once delivery (delivery.py), the catalog's administration
-(catalog_admin.py). This module picks the window, commits plans to the state and runs a sync.
+The steps live in their own modules: reading sacct output (inputs.py), the window and the
+clock (windows.py), planning (planning.py, plans.py), committing plans to the state
+(committing.py), the exactly-once delivery (delivery.py), comparing the API's record and
+posting repairs through the outbox (api_record.py), the catalog's administration
+(catalog_admin.py). This module runs a sync and a dry run, and finishes a sync or backfill
+(deliver, prune, record the outcome).
 
 The clock is passed in: every function here that reads the time takes ``clock`` (the real one,
 :func:`utc_now`, by default), so a test can pin it; ``now_at`` arguments are the time a sync
 started.
 
-Re-exported on purpose: the names below from inputs, planning, plans, catalog_admin and
-delivery are still imported as ``pipeline.X`` by the CLI, report.py, costs/reading.py, the
-benchmarks and the tests (see ``__all__``); new code should import them from where they live.
+Re-exported on purpose: the names below from inputs, windows, planning, plans, committing,
+api_record, catalog_admin and delivery are still imported as ``pipeline.X`` by the CLI,
+report.py, the backfill, reconcile, corrections, the benchmarks and the tests (see
+``__all__``); new code should import them from where they live.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import BinaryIO, Optional
 
 from slurm_tracker import api, ledger, rating, state
+from slurm_tracker.api_record import compare_with_api, post_through_outbox
 from slurm_tracker.catalog_admin import (
     catalog_warnings,
     check_online,
@@ -31,10 +36,9 @@ from slurm_tracker.catalog_admin import (
     mapped_skus,
     pull_catalog,
 )
-from slurm_tracker.config import Config, SacctConfig
+from slurm_tracker.committing import commit, commit_stream, without_events
+from slurm_tracker.config import Config
 from slurm_tracker.delivery import DeliveryReport, deliver_outbox
-from slurm_tracker.errors import StateError
-from slurm_tracker.events import request_body
 from slurm_tracker.inputs import (
     Input,
     Window,
@@ -47,7 +51,6 @@ from slurm_tracker.inputs import (
     read_live,
     read_saved,
 )
-from slurm_tracker.models import PlannedEvent, RunKey
 from slurm_tracker.planning import (
     BATCH_RECORDS,
     Planner,
@@ -56,6 +59,7 @@ from slurm_tracker.planning import (
     plan_usage,
 )
 from slurm_tracker.plans import Plan, Total, Totals, merge_plans, reported_after, totals
+from slurm_tracker.windows import Clock, billing_floor, check_mark, sync_window, utc_now
 
 # this module's names, and those re-exported on purpose (see the docstring)
 __all__ = [
@@ -105,43 +109,10 @@ __all__ = [
     "sync_window",
     "totals",
     "utc_now",
+    "without_events",
 ]
 
 log = logging.getLogger(__name__)
-
-#: A clock: returns the current time, aware, in UTC.
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def sync_window(
-    now_at: datetime,
-    high_water_at: Optional[datetime],
-    cfg: SacctConfig,
-    floor_at: Optional[datetime] = None,
-) -> Window:
-    """From the high-water mark minus the overlap (or the first-sync start) to now minus the lag,
-    never starting before the billing floor."""
-    end_at = now_at - timedelta(seconds=cfg.lag_s)
-    if high_water_at is not None:
-        start_at = high_water_at - timedelta(seconds=cfg.overlap_s)
-    elif cfg.first_sync_start is not None:
-        start_at = cfg.first_sync_start
-    else:
-        start_at = end_at - timedelta(seconds=cfg.first_sync_lookback_s)
-    if floor_at is not None:
-        start_at = max(start_at, floor_at)
-    return Window(start_at, max(start_at, end_at))
-
-
-def billing_floor(store: state.State, config: Config) -> Optional[datetime]:
-    """No usage before this is billed by a sync: the later of the first sync's window start
-    (stored by that sync) and an absolute sacct.first_sync_start."""
-    floors = [at for at in (store.floor_at(), config.sacct.first_sync_start) if at is not None]
-    return max(floors) if floors else None
 
 
 #: acknowledged events are kept this long after the last comparison with the API's record (the
@@ -224,65 +195,6 @@ def dry_run(
     return DryRun(plan_stream(stream, planner, store.reported), read_window, stream.source)
 
 
-def commit(
-    store: state.State,
-    plan: Plan,
-    now_at: datetime,
-    high_water_at: Optional[datetime],
-    *,
-    clock: Clock = utc_now,
-) -> int:
-    """Store a plan in ONE transaction: outbox (held events held), progress, the high-water
-    mark (never past the real clock), the quarantine of rejected records, the resolution of
-    entries whose run now reads sane, and the corrections found."""
-    if high_water_at is not None:
-        high_water_at = min(high_water_at, clock())
-    pruned_before = store.pruned_before()
-    return store.commit_plan(
-        plan.events,
-        [request_body(e) for e in plan.events],
-        now_at,
-        high_water_at,
-        held=plan.held,
-        quarantine=[
-            state.QuarantineEntry(
-                key=r.key,
-                job_id=r.job_id,
-                reason=r.reason,
-                text=r.text,
-                remember_run=_never_billed(r.run, pruned_before),
-            )
-            for r in plan.rejected
-        ],
-        resolved=plan.checked_runs,
-        corrections=[c.stored() for c in plan.corrections],
-        final_seen=dict(plan.final_seen),
-    )
-
-
-def _never_billed(run: Optional[RunKey], pruned_before: Optional[datetime]) -> str:
-    """``run``'s text when the lack of a progress row proves it was never billed (it was
-    submitted after the pruning horizon, so no billing of it can have been pruned), else ""."""
-    if run is None or (pruned_before is not None and run.submit_at < pruned_before):
-        return ""
-    return run.text
-
-
-def check_mark(store: state.State, config: Config, *, clock: Clock = utc_now) -> Optional[datetime]:
-    """The high-water mark; StateError when it is in the future of the real clock."""
-    mark = store.high_water_at()
-    now_at = clock()
-    if mark is not None and mark > now_at + timedelta(seconds=config.limits.clock_skew_s):
-        raise StateError(
-            f"the high-water mark of {store.path} is {mark:%Y-%m-%dT%H:%M:%SZ}, in the future "
-            f"(now {now_at:%Y-%m-%dT%H:%M:%SZ}): every sync would read an empty window and bill "
-            "nothing. Check the clock, then set the mark back to the last good sync, e.g. "
-            f"`slurm-tracker state set-mark {now_at - timedelta(hours=1):%Y-%m-%dT%H:%M:%SZ}` "
-            "(usage already billed is not billed again)"
-        )
-    return mark
-
-
 def sync_once(
     config: Config,
     store: state.State,
@@ -333,54 +245,6 @@ def sync_once(
     plan, new = commit_stream(store, plans, request.now_at, high_water_at, clock=clock)
     return deliver_and_finish(
         config, store, client, plan, read_window, new, request.now_at, clock=clock
-    )
-
-
-def commit_stream(
-    store: state.State,
-    plans: Iterable[Plan],
-    now_at: datetime,
-    high_water_at: Optional[datetime],
-    *,
-    clock: Clock = utc_now,
-) -> tuple[Plan, int]:
-    """Commit the plans of an input's batches (plan_stream), each in ONE transaction (see
-    commit), the high-water mark only with the last; returns the plans as one, without their
-    events (they are in the outbox), and how many events were new to the outbox.
-
-    Exactly once holds batch by batch: a batch's events and its runs' progress are committed
-    together, and a run is in one batch only (duplicate records are resolved before planning).
-    A crash between two batches leaves the mark where it was: the next sync reads the same
-    window again, finds the progress of the runs already committed and plans only what they
-    have not reported (nothing, or usage that came since), and plans the rest in full. An event
-    planned twice gets the same key, which the outbox stores once."""
-    new = 0
-    done: list[Plan] = []
-    waiting: Optional[Plan] = None
-    for batch in plans:  # one plan ahead, to know which is the last
-        if waiting is not None:
-            new += commit(store, waiting, now_at, None, clock=clock)
-            done.append(without_events(waiting))
-        waiting = batch
-    if waiting is None:
-        waiting = Plan((), (), ())
-    new += commit(store, waiting, now_at, high_water_at, clock=clock)
-    done.append(without_events(waiting))
-    return merge_plans(done), new
-
-
-def without_events(plan: Plan) -> Plan:
-    """What a sync reports of a committed batch: its counts and lists, not its events."""
-    return Plan(
-        events=(),
-        skipped=plan.skipped,
-        rejected=plan.rejected,
-        rating_problems=plan.rating_problems,
-        records=plan.records,
-        steps_ignored=plan.steps_ignored,
-        held=plan.held,
-        corrections=plan.corrections,
-        read_rejected=plan.read_rejected,
     )
 
 
@@ -443,52 +307,3 @@ def _failure_reason(result: SyncResult) -> dict[str, str]:
         result.delivery.unavailable if result.outcome == "unavailable" else ""
     )
     return {"reason": " ".join(str(reason).split())[:300]} if reason else {}
-
-
-def post_through_outbox(
-    config: Config,
-    store: state.State,
-    client: api.AllocationsClient,
-    events: Sequence[PlannedEvent],
-    clock: Clock = utc_now,
-) -> tuple[int, DeliveryReport]:
-    """Post repair or correction events the way a sync posts its own: committed to the
-    outbox first (events above limits.hold_above held), then delivered with the exactly-once
-    protocol. Each one is logged. Returns (events new to the outbox, the delivery report)."""
-    for event in events:
-        log.info(
-            "posting event %s to allocation %s: %s %s",
-            event.event_key,
-            event.allocation,
-            event.quantity,
-            event.sku,
-        )
-    limit = config.limits.hold_above
-    held = frozenset(e.event_key for e in events if limit and e.quantity > limit)
-    plan = Plan(events=tuple(events), skipped=(), rejected=(), held=held)
-    new = commit(store, plan, clock(), None, clock=clock)
-    return new, deliver_outbox(store, client, clock, config.api.concurrency)
-
-
-def compare_with_api(
-    config: Config,
-    store: state.State,
-    client: api.AllocationsClient,
-    learn_from: datetime,
-    *,
-    take_over: bool = False,
-    relearn: bool = False,
-    clock: Clock = utc_now,
-) -> ledger.Check:
-    """ledger.check for this agent (its state file), cluster and mapped allocations."""
-    return ledger.check(
-        store,
-        client,
-        mapped_allocations(config),
-        config.cluster,
-        ledger.agent_id(store.path),
-        now_at=clock(),
-        learn_from=learn_from,
-        take_over=take_over,
-        relearn=relearn,
-    )

@@ -11,20 +11,31 @@ sequence in a user's text can create, change, hide or merge a record (README, "S
   names as metadata, and then last;
 * parse.parse_live checks the header and the exact field count of every record.
 
+sacct's output is never held whole: :func:`stream_sacct` hands it on block by block as it
+comes (the agent spools it to a temporary file, inputs.call_sacct), with stderr in a
+temporary file, a deadline for the whole call, and the exit status checked after the output
+was read.
+
 The field lists and delimiters live in :mod:`slurm_tracker.sacct_format` (the readers import
 them from there without importing this module); they are re-exported here on purpose, for the
-callers that build queries (pipeline, costs.reading, tests) and import them from ``sacct``.
+callers that build queries (inputs.call_sacct, the benchmarks, tests) and import them from
+``sacct``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import selectors
 import shlex
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
+from typing import BinaryIO, Optional
 
 from .errors import SacctUnavailable
 from .sacct_format import (
@@ -61,6 +72,8 @@ _KEPT_ENV = frozenset(
 _KEPT_PREFIXES = ("LC_",)
 
 _STDERR_LINES = 10
+_STDERR_TAIL_BYTES = 1 << 18  # the end of stderr read for its last lines
+_READ_BYTES = 1 << 20  # read from sacct's stdout at a time (a pipe gives what it holds)
 _KILL_WAIT_S = 5.0
 
 
@@ -146,50 +159,115 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a killed sacct (if its group ignores the kill, for sacct itself only)."""
+    try:
+        proc.wait(timeout=_KILL_WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tail_of(stderr: BinaryIO) -> bytes:
+    """The end of what sacct wrote on stderr (the last lines are shown), from its first full
+    line when it was cut."""
+    size = stderr.seek(0, os.SEEK_END)
+    stderr.seek(max(0, size - _STDERR_TAIL_BYTES))
+    tail = stderr.read()
+    return tail if size <= _STDERR_TAIL_BYTES else tail[tail.find(b"\n") + 1 :]
+
+
+def stream_sacct(
+    argv: Sequence[str],
+    write: Callable[[bytes], object],
+    *,
+    timeout_s: float,
+    environ: Mapping[str, str],
+) -> int:
+    """Run sacct (never through a shell), giving its stdout to ``write`` block by block as it
+    comes (nothing holds it whole); returns its size.
+
+    stderr goes to an anonymous temporary file (neither pipe can fill up and block sacct
+    while the other is read); its last lines are in the errors. Raises SacctUnavailable when
+    the program cannot be started, runs longer than ``timeout_s`` (it is then killed, with
+    what it started), or exits non-zero; that is known only once its output was read, so a
+    caller must not use the output before this returns. When ``write`` raises, sacct is
+    killed and the exception goes on.
+    """
+    command = shlex.join(argv)
+    logger.debug("running %s", command)
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=dict(environ),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise _unavailable(command, f"could not be started ({exc.strerror or exc})") from exc
+        deadline = time.monotonic() + timeout_s
+        try:
+            size = _pump(proc, write, deadline)
+            if size is not None:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            size = None
+        except BaseException:
+            _kill_group(proc)
+            _reap(proc)
+            raise
+        finally:
+            assert proc.stdout is not None
+            proc.stdout.close()
+        if size is None:
+            _kill_group(proc)
+            _reap(proc)
+            raise _unavailable(
+                command, f"timed out after {timeout_s:g} s and was killed", _tail_of(stderr)
+            )
+        if proc.returncode != 0:
+            if proc.returncode < 0:
+                what = f"was killed by signal {-proc.returncode}"
+            else:
+                what = f"failed with exit status {proc.returncode}"
+            raise _unavailable(command, what, _tail_of(stderr))
+    logger.debug("sacct returned %d bytes", size)
+    return size
+
+
+def _pump(
+    proc: subprocess.Popen[bytes], write: Callable[[bytes], object], deadline: float
+) -> Optional[int]:
+    """Copy sacct's stdout to ``write`` until it is closed; its size, or None at the deadline."""
+    assert proc.stdout is not None
+    descriptor = proc.stdout.fileno()
+    size = 0
+    with selectors.DefaultSelector() as selector:
+        selector.register(descriptor, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                return None
+            block = os.read(descriptor, _READ_BYTES)
+            if not block:
+                return size
+            size += len(block)
+            write(block)
+
+
 def run_sacct(argv: Sequence[str], *, timeout_s: float, environ: Mapping[str, str]) -> bytes:
-    """Run sacct (never through a shell) and return its stdout.
+    """Run sacct (never through a shell) and return its stdout, whole (:func:`stream_sacct`,
+    which the agent uses, never holds it).
 
     Raises SacctUnavailable when the program cannot be started, exits non-zero or runs longer
     than ``timeout_s`` (it is then killed).
     """
-    command = shlex.join(argv)
-    logger.debug("running %s", command)
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=dict(environ),
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise _unavailable(command, f"could not be started ({exc.strerror or exc})") from exc
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        _kill_group(proc)
-        try:
-            _, stderr = proc.communicate(timeout=_KILL_WAIT_S)
-        except subprocess.TimeoutExpired:  # something it started still holds the pipes
-            proc.kill()
-            proc.wait()
-            stderr = b""
-        raise _unavailable(
-            command, f"timed out after {timeout_s:g} s and was killed", stderr
-        ) from exc
-    except BaseException:
-        _kill_group(proc)
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        if proc.returncode < 0:
-            what = f"was killed by signal {-proc.returncode}"
-        else:
-            what = f"failed with exit status {proc.returncode}"
-        raise _unavailable(command, what, stderr)
-    logger.debug("sacct returned %d bytes", len(stdout))
-    return stdout
+    out = io.BytesIO()
+    stream_sacct(argv, out.write, timeout_s=timeout_s, environ=environ)
+    return out.getvalue()
 
 
 # --- the cost and utilisation report (slurm_tracker.costs): allocations AND their steps ------
@@ -232,4 +310,5 @@ __all__ = [
     "report_fields",
     "run_sacct",
     "sacct_environment",
+    "stream_sacct",
 ]

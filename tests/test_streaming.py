@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slurm_tracker import inputs, parse, pipeline, rating, report
+from slurm_tracker import inputs, parse, parse_framing, parse_stream, pipeline, rating, report
 from slurm_tracker.cli import main
 from slurm_tracker.config import config_from_text
 from slurm_tracker.errors import InputError
@@ -148,7 +148,7 @@ def items(stream: parse.RecordStream) -> ParseResult:
 
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(parse, "BLOCK_BYTES", 97)  # cuts fall everywhere, mid-record too
+    monkeypatch.setattr(parse_stream, "BLOCK_BYTES", 97)  # cuts fall everywhere, mid-record too
     yield
 
 
@@ -166,10 +166,10 @@ def test_a_capture_read_in_blocks_reads_as_it_does_whole(
         data = data.replace(b"\n", b"\r\n")
     elif variant == "bom-and-blank-lines":
         data = b"\xef\xbb\xbf\n \n" + data
-    monkeypatch.setattr(parse, "BLOCK_BYTES", block)
+    monkeypatch.setattr(parse_stream, "BLOCK_BYTES", block)
     stream = saved_stream(opener(data), cluster="box", source="x")
     whole = len(data) <= block  # read whole when it all came in the first block
-    assert isinstance(stream, parse._WholeStream if whole else parse._SavedStream)
+    assert isinstance(stream, parse_stream._WholeStream if whole else parse_stream._SavedStream)
     assert items(stream) == parse_sacct(data, cluster="box", source="x")
 
 
@@ -178,15 +178,18 @@ def test_a_headerless_capture_reads_in_blocks_too(small_blocks: None) -> None:
     fields = HEADER.split("|")
     body = data.split(b"\n", 1)[1]
     stream = saved_stream(opener(body), cluster="box", fields=fields, source="x")
-    assert isinstance(stream, parse._SavedStream)
+    assert isinstance(stream, parse_stream._SavedStream)
     assert items(stream) == parse_sacct(body, cluster="box", fields=fields, source="x")
 
 
-def test_json_and_small_captures_are_read_whole() -> None:
-    for path in (REPO / "tests/data/sacct-box-22.05.json", REPO / "examples/sacct-sample.txt"):
+def test_small_captures_are_read_whole_and_json_job_by_job(small_blocks: None) -> None:
+    for path, kind in (
+        (REPO / "examples/sacct-sample.txt", parse_stream._WholeStream),
+        (REPO / "tests/data/sacct-box-22.05.json", parse_stream._JsonStream),
+    ):
         data = path.read_bytes()
         stream = saved_stream(opener(data), cluster="box", source="x")
-        assert isinstance(stream, parse._WholeStream)
+        assert isinstance(stream, kind)
         assert items(stream) == parse_sacct(data, cluster="box", source="x")
 
 
@@ -202,12 +205,67 @@ def test_the_live_stream_reads_as_parse_live() -> None:
         parse.live_stream(data[5:], delimiter="|#|", fields=fields, cluster="box", source="x")
 
 
+_MARK = b"|~0123456789abcdef0123456789abcdef~|"
+_PIECES = [b"a", b"b c", b"\n", b" ", b"\n\n", _MARK, _MARK + b"\n", _MARK[:5], b"|", b"x" * 300]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    records=st.lists(
+        st.one_of(
+            st.lists(st.sampled_from(_PIECES), max_size=4).map(b"".join),  # damage
+            st.lists(
+                st.sampled_from([b"", b"1", b"a\nb", b"\n", b" ", b"x" * 200]),
+                min_size=3,
+                max_size=3,
+            ).map(lambda cells: _MARK.join(cells) + _MARK + b"\n"),
+        ),
+        max_size=12,
+    ),
+    cuts=st.lists(st.integers(1, 400), min_size=1, max_size=30),
+)
+def test_the_live_output_framed_block_by_block_frames_as_it_does_whole(
+    records: list[bytes], cuts: list[int]
+) -> None:
+    """Records of 3 fields (the last may hold newlines, or begin with one), damaged ones,
+    blanks, a record cut short at the end: every cut of the output into blocks frames it as the
+    whole output does."""
+    data = b"A" + _MARK + b"B" + _MARK + b"C" + _MARK + b"\n" + b"".join(records)
+    header = data.index(b"\n") + 1
+    whole = list(parse_framing._live_framed(data, header, _MARK, 3))
+    blocks, at = [], header
+    for size in cuts * 50:
+        if at >= len(data):
+            break
+        blocks.append(data[at : at + size])
+        at += size
+    blocks.append(data[at:])
+    first = data[:header]
+    framed = parse_framing._live_framed_blocks(first, header, iter(blocks), _MARK, 3)
+    assert list(framed) == whole
+
+
+def test_a_live_record_is_framed_alike_wherever_it_is_cut() -> None:
+    """Job names beginning with a newline (a delimiter + newline inside the record), a damaged
+    record, a record cut short: two blocks, cut at every byte."""
+    rows = [[b"1", b"a", b"\nname"], [b"2", b"", b"\n"], [b"3", b"b", b"x\n\ny"]]
+    body = b"".join(_MARK.join(r) + _MARK + b"\n" for r in rows)
+    data = b"A" + _MARK + b"B" + _MARK + b"C" + _MARK + b"\n" + body + b"4" + _MARK + b"\n5" + _MARK
+    header = data.index(b"\n") + 1
+    whole = list(parse_framing._live_framed(data, header, _MARK, 3))
+    assert [problem is None for _, _, problem in whole] == [True, True, True, False, False]
+    for cut in range(header, len(data) + 1):
+        blocks = iter([b for b in (data[header:cut], data[cut:]) if b])  # as files give them
+        framed = parse_framing._live_framed_blocks(data[:header], header, blocks, _MARK, 3)
+        assert list(framed) == whole, cut
+
+
 @pytest.mark.parametrize("block", [97, 1 << 20])
 def test_the_box_capture_read_as_a_saved_file_in_blocks(
     monkeypatch: pytest.MonkeyPatch, block: int
 ) -> None:
     data = (REPO / "tests/data/sacct-box-22.05.txt").read_bytes() * 3  # > 64 lines
-    monkeypatch.setattr(parse, "BLOCK_BYTES", block)
+    monkeypatch.setattr(parse_stream, "BLOCK_BYTES", block)
     stream = saved_stream(opener(data), cluster="box", source="x")
     assert items(stream) == parse_sacct(data, cluster="box", source="x")
 

@@ -1,30 +1,28 @@
 """Reading the report's input: live sacct in chunks (allocations with their steps), or a capture.
 
 Live: one sacct call per chunk (``sacct.backfill_chunk``, a day by default) with the backfill
-pause between chunks, each with a fresh random delimiter and the allow-listed environment
-(sacct.py), framed strictly (parse.live_rows). A run read by several chunks (it spans their
-boundary) is kept once, from the read that knows most of it.
+pause between chunks, each made by inputs.call_sacct as a sync's (a fresh random delimiter,
+the allow-listed environment, the output spooled to a temporary file), framed strictly block
+by block (parse.live_file_rows). A run read by several chunks (it spans their boundary) is
+kept once, from the read that knows most of it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, BinaryIO, Optional
 
-from slurm_tracker import pipeline, sacct
+from slurm_tracker import inputs
 from slurm_tracker.config import Config
 from slurm_tracker.costs.steps import RunUsage, Usage, runs_from_json, runs_from_rows
 from slurm_tracker.errors import InputError, SacctUnavailable
 from slurm_tracker.models import Rejected, RunKey
-from slurm_tracker.parse import live_rows, parse_sacct, saved_rows
+from slurm_tracker.parse import live_file_rows, parse_sacct, saved_rows
 
-log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int, pipeline.Window], None]
+Progress = Callable[[int, int, inputs.Window], None]
 
 
 def read_usage(
@@ -41,9 +39,9 @@ def read_usage(
 ) -> Usage:
     """The runs (with what their steps used) of ``[start_at, end_at)`` and what was rejected."""
     if sacct_file is not None:
-        data = pipeline.read_saved(sacct_file, stdin)
+        data = inputs.read_saved(sacct_file, stdin)
         return read_saved_usage(data, config, source="stdin" if sacct_file == "-" else sacct_file)
-    windows = pipeline.chunks(start_at, end_at, config.sacct.backfill_chunk_s)
+    windows = inputs.chunks(start_at, end_at, config.sacct.backfill_chunk_s)
     found: dict[RunKey, RunUsage] = {}
     rejected: list[Rejected] = []
     orphans = 0
@@ -71,29 +69,18 @@ def _knows_more(new: RunUsage, old: RunUsage) -> bool:
 
 
 def _read_live(
-    config: Config, window: pipeline.Window, environ: Mapping[str, str], with_job_name: bool
+    config: Config, window: inputs.Window, environ: Mapping[str, str], with_job_name: bool
 ) -> Usage:
-    delimiter = sacct.new_delimiter()
-    fields = sacct.report_fields(with_job_name)
-    argv = sacct.build_report_command(
-        config.sacct.path,
-        window.start_at,
-        window.end_at,
-        config.sacct.extra_args,
-        delimiter=delimiter,
-        fields=fields,
-        clusters=config.sacct.clusters,
+    output = inputs.call_sacct(
+        config, window, environ, with_job_name=with_job_name, with_steps=True
     )
-    log.info("running sacct (with steps) for %s .. %s", window.start_at, window.end_at)
-    data = sacct.run_sacct(
-        argv, timeout_s=config.sacct.timeout_s, environ=sacct.sacct_environment(environ)
-    )
-    source = f"sacct ({config.sacct.path})"
     try:
-        rows = list(live_rows(data, delimiter=delimiter, fields=fields, source=source))
+        rows = live_file_rows(
+            output.opener, delimiter=output.delimiter, fields=output.fields, source=output.source
+        )
     except InputError as exc:
         raise SacctUnavailable(f"{exc}; nothing was reported, try again") from exc
-    return runs_from_rows(rows, cluster=config.cluster, tz=pipeline.file_zone(config.sacct))
+    return runs_from_rows(rows, cluster=config.cluster, tz=inputs.file_zone(config.sacct))
 
 
 def read_saved_usage(data: bytes, config: Config, *, source: str) -> Usage:
@@ -108,5 +95,5 @@ def read_saved_usage(data: bytes, config: Config, *, source: str) -> Usage:
         jobs = document.get("jobs") if isinstance(document, dict) else None
         runs = runs_from_json(parsed.records, jobs if isinstance(jobs, list) else [])
         return Usage(tuple(runs), parsed.rejected)
-    tz = pipeline.file_zone(config.sacct)
+    tz = inputs.file_zone(config.sacct)
     return runs_from_rows(saved_rows(data, source=source), cluster=config.cluster, tz=tz)
