@@ -5,7 +5,9 @@ called only when that format is chosen. ``--output`` chooses an :class:`OutputFo
 option's choices are taken from it: cli.common.output_option), and cli.common.emit prints
 what that format's renderer makes of the view: one class per format, :data:`RENDERERS`. The
 renderers hold the encodings that every command shares (JSON with two spaces of indent, CSV
-of JSON-like rows with nested fields as dotted columns); the views hold what differs. No
+of JSON-like rows with nested fields as dotted columns); the views hold what differs. A view may
+also give, per format, a writer that writes its output as it is made (a dry run's plan: bounded
+memory whatever its size); the renderer then hands that writer to the CLI instead of a text. No
 printing and no click here: the CLI prints.
 """
 
@@ -15,10 +17,11 @@ import enum
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Optional, TextIO
 
-from slurm_tracker import report
+from slurm_tracker.report_format import csv_text
+from slurm_tracker.times import utc_text
 
 
 class OutputFormat(str, enum.Enum):
@@ -37,7 +40,7 @@ class OutputFormat(str, enum.Enum):
 def jsonable(value: object) -> object:
     """JSON for what json.dumps cannot encode: times as RFC 3339 UTC, anything else as text."""
     if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return utc_text(value)
     return str(value)
 
 
@@ -48,15 +51,18 @@ class View:
     ``table``: the text for people, followed by ``table_end`` (a newline: the text is lines
     without the last line's end). ``data``: the JSON document (also the CSV rows when it is a
     list, else its one row), encoded with ``json_default`` for values JSON has no type for
-    (None: such a value is an error). ``write_json``: writes the JSON document itself, as it is
-    made (bounded memory), instead of ``data``. ``csv`` and ``html``: the whole text, when the
-    command has its own.
+    (None: such a value is an error). ``write_json``, ``write_table`` and ``write_csv``: write
+    that format's whole output (the same text, its last newline included) as it is made
+    (bounded memory), instead of ``data``, ``table`` and ``csv``. ``csv`` and ``html``: the
+    whole text, when the command has its own.
     """
 
     table: Callable[[], str]
     data: Optional[Callable[[], Any]] = None
     json_default: Optional[Callable[[Any], Any]] = jsonable
     write_json: Optional[Callable[[TextIO], None]] = None
+    write_table: Optional[Callable[[TextIO], None]] = None
+    write_csv: Optional[Callable[[TextIO], None]] = None
     csv: Optional[Callable[[], str]] = None
     html: Optional[Callable[[], str]] = None
     table_end: str = "\n"
@@ -77,6 +83,9 @@ class TableFormat(Renderer):
     def text(self, view: View) -> str:
         return view.table() + view.table_end
 
+    def writer(self, view: View) -> Optional[Callable[[TextIO], None]]:
+        return view.write_table
+
 
 class JsonFormat(Renderer):
     def text(self, view: View) -> str:
@@ -91,7 +100,10 @@ class CsvFormat(Renderer):
         if view.csv is not None:
             return view.csv()
         data = _part(view.data, "csv")
-        return report.csv_text(data if isinstance(data, list) else [data])
+        return csv_text(data if isinstance(data, list) else [data])
+
+    def writer(self, view: View) -> Optional[Callable[[TextIO], None]]:
+        return view.write_csv
 
 
 class HtmlFormat(Renderer):

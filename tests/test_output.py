@@ -59,6 +59,23 @@ def test_json_written_as_it_is_made_goes_to_stdout_unbuffered() -> None:
     assert CliRunner().invoke(command).stdout == '{"streamed": true}\n'
 
 
+def test_a_table_or_csv_written_as_it_is_made_replaces_its_text() -> None:
+    def writes(text: str) -> Any:
+        return lambda out: out.write(text)
+
+    view = View(never, data=never, csv=never, write_table=writes("t\n"), write_csv=writes("c\n"))
+
+    @click.command()
+    @output_option(*OutputFormat)
+    def command(output: OutputFormat) -> None:
+        emit(output, view)
+
+    assert CliRunner().invoke(command, ["--output", "table"]).stdout == "t\n"
+    assert CliRunner().invoke(command, ["--output", "csv"]).stdout == "c\n"
+    for output in (OutputFormat.TABLE, OutputFormat.CSV, OutputFormat.JSON):
+        assert output.renderer.writer(View(lambda: "a")) is None  # no writer: the text
+
+
 def test_csv_rows_are_the_json_list_or_its_one_object() -> None:
     rows = View(never, data=lambda: [{"a": 1, "b": {"c": "=1"}}, {"a": 2}])
     assert text(OutputFormat.CSV, rows) == "a,b.c\n1,'=1\n2,\n"

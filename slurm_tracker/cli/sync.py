@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, TextIO, Union
 
 import click
 
@@ -42,6 +42,7 @@ from slurm_tracker.config import Config, parse_duration
 from slurm_tracker.errors import TrackerError
 from slurm_tracker.output import OutputFormat, View
 from slurm_tracker.state import State, StateLock
+from slurm_tracker.times import utc_text
 
 
 def _fields(sacct_fields: Optional[str]) -> Optional[list[str]]:
@@ -84,9 +85,10 @@ def _show_plan(
     output: OutputFormat,
     verbose: int,
 ) -> None:
-    """Print a plan (or the plans of an input's batches, consumed as they come): JSON and the
-    table are written batch by batch in bounded memory; CSV (whose columns are known at the
-    end only) and -v (every event and skip) hold the whole plan."""
+    """Print a plan (or the plans of an input's batches, consumed as they come) in bounded
+    memory, whatever the format: JSON event by event; the table (every event with -v) and CSV
+    with their long lists kept in temporary files until the counts, widths and columns are
+    known (report_plan), then written line by line."""
     batches = [plans] if isinstance(plans, pipeline.Plan) else plans
     emit(
         output,
@@ -94,12 +96,50 @@ def _show_plan(
             table=lambda: report.summary_text(
                 report.summarize(batches, verbose=verbose > 0), window, source=source
             ),
-            write_json=lambda out: report.write_plan_json(batches, window, out),
-            csv=lambda: report.csv_text(
-                [report.event_json(e) for e in report.summarize(batches, verbose=True).all_events]
+            write_table=_echoed(
+                lambda out: report.write_plan_table(
+                    batches, window, out, source=source, verbose=verbose > 0
+                )
             ),
+            write_json=lambda out: report.write_plan_json(batches, window, out),
+            write_csv=_echoed(lambda out: report.write_plan_csv(batches, out)),
         ),
     )
+
+
+class _Echo:
+    """A text sink that prints through click.echo, as emit prints a whole text (so escape
+    sequences are stripped when stdout is no terminal, as they always were), in blocks of
+    whole writes (a line or a CSV row: no escape sequence spans two blocks)."""
+
+    def __init__(self, out: TextIO, block: int = 1 << 16) -> None:
+        self.out = out
+        self.block = block
+        self.parts: list[str] = []
+        self.size = 0
+
+    def write(self, text: str, /) -> int:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size >= self.block:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.parts:
+            click.echo("".join(self.parts), file=self.out, nl=False)
+            self.parts, self.size = [], 0
+
+
+def _echoed(write: Callable[[_Echo], None]) -> Callable[[TextIO], None]:
+    """``write`` (a streaming writer) printing to the stream emit gives it through click.echo."""
+
+    def run(out: TextIO) -> None:
+        sink = _Echo(out)
+        write(sink)
+        sink.flush()
+
+    return run
 
 
 @main.command()
@@ -346,12 +386,12 @@ def backfill(
             logging.getLogger("slurm_tracker").warning(
                 "--end capped at now minus sacct.lag, %s: slurmdbd may not have the rest yet, "
                 "and the regular sync bills it",
-                f"{latest:%Y-%m-%dT%H:%M:%SZ}",
+                f"{utc_text(latest)}",
             )
         end = latest
     if end <= start:
         raise click.BadParameter(
-            f"--end must be after --start (the period ends {end:%Y-%m-%dT%H:%M:%SZ})",
+            f"--end must be after --start (the period ends {utc_text(end)})",
             param_hint="--end",
         )
     try:
@@ -367,12 +407,12 @@ def backfill(
         saved = pipeline.Input(pipeline.read_saved(sacct_file, sys.stdin.buffer), source, None)
     chunks = 1 if saved else len(period.windows())
     if dry_run:
+        source = saved.source if saved else f"sacct ({config.sacct.path})"
         with State.open(path, readonly=True) as store, _progress(chunks, quiet) as shown:
-            plan = backfilling.preview(
+            plans = backfilling.preview(
                 config, store, catalog, period, os.environ, saved=saved, progress=shown
             )
-        source = saved.source if saved else f"sacct ({config.sacct.path})"
-        _show_plan(plan, pipeline.Window(start, end), source, output, verbose)
+            _show_plan(plans, pipeline.Window(start, end), source, output, verbose)
         return
 
     def work(store: State, client: api.AllocationsClient) -> pipeline.SyncResult:
