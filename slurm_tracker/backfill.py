@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Optional
@@ -37,6 +37,7 @@ from slurm_tracker.pipeline import (
 )
 from slurm_tracker.planning import plan_usage
 from slurm_tracker.plans import Plan, merge_plans, reported_after
+from slurm_tracker.times import utc_text
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,17 @@ def preview(
     saved: Optional[Input] = None,
     progress: Progress = _quiet,
     sleep: Callable[[float], None] = time.sleep,
-) -> Plan:
-    """A dry backfill: every chunk planned as if the ones before it had been stored."""
+) -> Iterator[Plan]:
+    """A dry backfill: the plan of every chunk, as if the ones before it had been stored.
+
+    Chunk by chunk, as they are read (consume them while ``store`` is open): what is shown is
+    never held for the whole period. Only what each run was planned up to is remembered from
+    one chunk to the next (a run spanning chunks is read by each), and a final run is forgotten
+    a chunk after the one it ended in (no later window can return it)."""
     windows = [Window(period.start_at, period.end_at)] if saved else period.windows()
     reported: dict[RunKey, int] = {}
+    ended_at: dict[RunKey, datetime] = {}  # the end of each final run in ``reported``
     forgotten_before = store.pruned_before()
-    plans = []
     for number, window in enumerate(windows, 1):
         if number > 1:
             sleep(config.sacct.backfill_pause_s)
@@ -132,9 +138,13 @@ def preview(
             agent=ledger.agent_id(store.path),
         )
         reported.update(reported_after(plan, known))
-        plans.append(plan)
+        ended_at.update((r.run, r.end_at) for r in parsed.records if r.end_at is not None)
+        for run in [r for r, end in ended_at.items() if end < window.start_at]:
+            # ended before this window: the next one (from this one's end) cannot return it
+            del ended_at[run]
+            reported.pop(run, None)
         progress(Chunk(number, len(windows), window, plan.records, len(plan.events)))
-    return merge_plans(plans)
+        yield plan
 
 
 def run(
@@ -165,7 +175,7 @@ def run(
         log.warning(
             "resuming the backfill from %s: the chunks before were committed by an earlier "
             "backfill that was stopped",
-            f"{done_through:%Y-%m-%dT%H:%M:%SZ}",
+            utc_text(done_through),
         )
     agent = ledger.agent_id(store.path)
     compare_with_api(
@@ -237,9 +247,7 @@ class Eta:
         self.read = 0
 
     def line(self, chunk: Chunk) -> str:
-        start, end = (
-            f"{t:%Y-%m-%dT%H:%M:%SZ}" for t in (chunk.window.start_at, chunk.window.end_at)
-        )
+        start, end = utc_text(chunk.window.start_at), utc_text(chunk.window.end_at)
         if chunk.resumed:
             return (
                 f"backfill chunk {chunk.number}/{chunk.total} [{start}, {end}): committed by an "

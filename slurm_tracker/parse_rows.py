@@ -227,12 +227,18 @@ def _record_from_row(
     shown_id = row.get("JobID", "").strip()
     if not raw_id and not shown_id:
         raise _Bad("no job id: JobIDRaw and JobID are empty")
-    step = False
-    for name in ("JobID", "JobIDRaw"):  # both are checked, then a step is left out
+    steps: dict[str, bool] = {}  # both are checked, then a step is left out
+    for name in ("JobID", "JobIDRaw"):
         value = row.get(name, "").strip()
-        if value and not (value.isdigit() and value.isascii()):  # else a plain job id
-            step = _field(row, name, parse_job_id).is_step or step
-    if step:
+        if value:  # a plain job id is no step; anything else is parsed
+            plain = value.isdigit() and value.isascii()
+            steps[name] = not plain and _field(row, name, parse_job_id).is_step
+    if len(set(steps.values())) > 1:  # one says job, the other step: which one lies?
+        raise _Bad(
+            f"JobID {_short(shown_id)} and JobIDRaw {_short(raw_id)} disagree on whether "
+            "this is a job or one of its steps"
+        )
+    if any(steps.values()):
         return None
     job_id = shown_id or raw_id
     try:

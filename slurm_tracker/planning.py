@@ -38,6 +38,7 @@ from slurm_tracker.parse import RecordStream
 from slurm_tracker.plans import Plan
 from slurm_tracker.plausibility import implausible
 from slurm_tracker.segments import SegmentPolicy, new_usage
+from slurm_tracker.times import utc_text
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,12 @@ class Planner:
             run = record.run
             reported_s = reported.get(run, 0)
             try:
-                if not reported_s and run not in reported and _forgotten(record, forgotten_before):
+                if (
+                    forgotten_before is not None
+                    and not reported_s
+                    and run not in reported
+                    and _forgotten(record, forgotten_before)
+                ):
                     skipped.append(_forgotten_skip(record, forgotten_before))
                     continue  # not "checked": a quarantine entry of the run stays open
                 outcome = self._plan_record(record, reported_s, problems)
@@ -233,7 +239,7 @@ class Planner:
                 return Skipped(
                     record.job_id,
                     f"ended before the billing floor sacct.first_sync_start "
-                    f"({floor_at:%Y-%m-%dT%H:%M:%SZ}): not billed by this agent",
+                    f"({utc_text(floor_at)}): not billed by this agent",
                     record.run,
                 )
             reported_s = max(reported_s, min(floor_s, record.elapsed_s))
@@ -286,10 +292,10 @@ def _forgotten(record: JobRecord, forgotten_before: Optional[datetime]) -> bool:
     return record.start_at + timedelta(seconds=record.elapsed_s) < forgotten_before
 
 
-def _forgotten_skip(record: JobRecord, forgotten_before: Optional[datetime]) -> Skipped:
+def _forgotten_skip(record: JobRecord, forgotten_before: datetime) -> Skipped:
     return Skipped(
         record.job_id,
-        f"ended before {forgotten_before:%Y-%m-%dT%H:%M:%SZ}, where the state file no longer "
+        f"ended before {utc_text(forgotten_before)}, where the state file no longer "
         "remembers what was billed: it may have been billed already, so it is not billed again",
         record.run,
     )
@@ -297,8 +303,8 @@ def _forgotten_skip(record: JobRecord, forgotten_before: Optional[datetime]) -> 
 
 def _rejected(record: JobRecord, reason: str) -> Rejected:
     """A record refused after parsing: quarantined under its run, with what it said."""
-    start = f"{record.start_at:%Y-%m-%dT%H:%M:%SZ}" if record.start_at else "-"
-    end = f"{record.end_at:%Y-%m-%dT%H:%M:%SZ}" if record.end_at else "-"
+    start = utc_text(record.start_at) if record.start_at else "-"
+    end = utc_text(record.end_at) if record.end_at else "-"
     tres = record.tres
     text = (
         f"job {record.job_id} cluster={record.cluster} account={record.account} "

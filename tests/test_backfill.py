@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from slurm_tracker import backfill
+from slurm_tracker.config import load_config
 from slurm_tracker.health import sync_history
 from slurm_tracker.inputs import Window
 from slurm_tracker.models import JobRecord, ParseResult, Tres
@@ -248,3 +250,41 @@ def test_a_dry_backfill_of_a_saved_capture_runs_no_sacct(site: Path) -> None:
 def test_quiet_backfills_print_no_progress(site: Path, api: FakeApi) -> None:
     result = four_days(site, "-q")
     assert result.exit_code == 0 and "backfill chunk" not in result.stderr
+
+
+def test_a_dry_backfill_shows_each_chunk_as_it_is_read_and_a_long_run_once(site: Path) -> None:
+    # A run of 2.5 days is returned by the windows of days 1, 2 and 3: planned once. Each
+    # chunk's plan is handed on before the next chunk is read (nothing held for the period).
+    # Mutants: preview returning one merged plan (the order below), forgetting every run after
+    # each chunk (the long run billed three times), or keeping nothing across chunks at all.
+    long_run = {
+        **rows_per_day(1)[0],
+        "JobID": "200",
+        "End": str(D0 + 3600 + 5 * DAY // 2),
+        "ElapsedRaw": str(5 * DAY // 2),
+        "AllocTRES": "cpu=4,mem=1G,node=1,billing=4",
+    }
+    (site / "capture.txt").write_bytes(live_capture([*rows_per_day(4), long_run]))
+    config = load_config(site / "config.yaml")
+    order: list[tuple[str, int]] = []
+    quantity: dict[str, Decimal] = {}
+    period = backfill.Period(
+        datetime.fromtimestamp(D0, UTC), datetime.fromtimestamp(D0 + 4 * DAY, UTC), DAY
+    )
+    with State.open(site / "state.db") as store:
+        plans = backfill.preview(
+            config,
+            store,
+            None,
+            period,
+            {},
+            progress=lambda chunk: order.append(("read", chunk.number)),
+            sleep=lambda _s: None,
+        )
+        for number, plan in enumerate(plans, 1):
+            order.append(("shown", number))
+            for event in plan.events:
+                job = str(event.metadata["jobId"])
+                quantity[job] = quantity.get(job, Decimal(0)) + event.quantity
+    assert order == [(kind, n) for n in (1, 2, 3, 4) for kind in ("read", "shown")]
+    assert quantity == {"100": 2, "101": 2, "102": 2, "103": 2, "200": 4 * Decimal(60)}

@@ -174,3 +174,31 @@ def test_saved_files_with_any_delimiter_are_read_by_their_header() -> None:
     delimiter = new_delimiter()
     result = parse_sacct(output(["a", "b\nc"], delimiter), cluster="box")
     assert [r.job_name for r in result.records] == ["a", "b\nc"]
+
+
+@pytest.mark.parametrize(
+    "job_id, raw_id, outcome",
+    [
+        ("253402300799", "0.0", "rejected"),  # found by the fuzz test: was ignored as a step
+        ("7.batch", "7", "rejected"),
+        ("7_3", "9", "record"),  # an array task: JobIDRaw is its own job id
+        ("7_3.batch", "9.batch", "step"),
+        ("7+1.0", "8.0", "step"),
+    ],
+)
+def test_a_record_whose_two_ids_disagree_on_being_a_step_is_rejected(
+    job_id: str, raw_id: str, outcome: str
+) -> None:
+    # Mutant: a step when either id says so (the record's usage silently left out as a step)
+    fields = ("JobID", "JobIDRaw", "Submit", "Start", "End", "ElapsedRaw", "AllocTRES")
+    row = (job_id, raw_id, "1767225600", "1767225600", "1767229200", "3600", "cpu=2,node=1")
+    data = ("|".join(fields) + "\n" + "|".join(row) + "\n").encode()
+    parsed = parse_sacct(data, cluster="box")
+    got = {
+        "record": (len(parsed.records), len(parsed.rejected), parsed.steps_ignored) == (1, 0, 0),
+        "rejected": (len(parsed.records), len(parsed.rejected), parsed.steps_ignored) == (0, 1, 0),
+        "step": (len(parsed.records), len(parsed.rejected), parsed.steps_ignored) == (0, 0, 1),
+    }
+    assert got[outcome], parsed
+    if outcome == "rejected":
+        assert "disagree on whether this is a job or one of its steps" in parsed.rejected[0].reason
