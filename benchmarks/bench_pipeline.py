@@ -12,7 +12,8 @@ change of the GPU SKU in the window: about 1.9 events per row), then runs the re
 subprocess, measuring its wall time and its peak RSS (``wait4``), and a floor in the same run:
 a bare Python pass reading the same file and splitting every line at ``|``. It prints rows/s,
 peak RSS, and the ratio to the floor next to the targets of issue 10 (>= 100k rows/s, <= 3x
-the floor, <= 200 MB peak RSS, flat in ROWS).
+the floor, <= 200 MB peak RSS, flat in ROWS), then a second reference (``skel.``): the least
+any Python planner must do per row (``skeleton_pass``), which alone is ~12-17x the floor.
 
 ``--stages`` also times the stages in this process on the live format (parse_live, the saved
 reader, plan_usage), as ratios to the floor, with tracemalloc's peak.
@@ -29,6 +30,7 @@ import tempfile
 import time
 import tracemalloc
 from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Optional
 
@@ -167,6 +169,38 @@ def floor_pass(path: Path) -> tuple[float, int]:
     return best, rows
 
 
+def skeleton_pass(path: Path) -> float:
+    """A second reference: the least any Python planner must do per row (split it, read its
+    three times with the C parser, its TRES, one Decimal quantity rounded half-even, an event
+    key and a running total), with none of the agent's checks, mapping, month and rate cuts,
+    rating, metadata or output. The best of three. It shows what the "<= 3x the split pass"
+    target asks of CPython: this skeleton alone is far above it."""
+    quantum, hour = Decimal("0.000001"), Decimal(3600)
+    utc = timezone.utc
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        totals: dict[tuple[str, str, str], Decimal] = {}
+        with path.open("r", encoding="utf-8") as f:
+            next(f)
+            for line in f:
+                v = line.rstrip("\n").split("|")
+                submit = datetime.fromisoformat(v[7]).replace(tzinfo=utc)
+                datetime.fromisoformat(v[8]).replace(tzinfo=utc)
+                if v[9] != "Unknown":
+                    datetime.fromisoformat(v[9]).replace(tzinfo=utc)
+                elapsed = int(v[10])
+                tres = dict(item.split("=", 1) for item in v[12].split(","))
+                amount = (Decimal(int(tres["cpu"])) * elapsed / hour).quantize(
+                    quantum, rounding=ROUND_HALF_EVEN
+                )
+                key = f"st1:{v[2]}:{v[1]}:{int(submit.timestamp())}:0-{elapsed}:CPU"
+                group = (v[3], v[4], key[-3:])  # account, partition, SKU
+                totals[group] = totals.get(group, Decimal(0)) + amount
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def run_cli(config: Path, capture: Path, output: str) -> tuple[float, float, int]:
     """(seconds, peak RSS in MiB, bytes printed) of one dry run through the real CLI."""
     with tempfile.TemporaryFile() as sink:
@@ -215,6 +249,7 @@ def cli_table(sizes: list[int], outputs: list[str]) -> None:
         for rows in sizes:
             capture = Path(tmp) / f"capture-{rows}.txt"
             write_capture(capture, rows)
+            skeleton_s = 0.0
             for output in outputs:
                 floor_s, _ = floor_pass(capture)
                 seconds, rss, size = run_cli(config, capture, output)
@@ -224,6 +259,13 @@ def cli_table(sizes: list[int], outputs: list[str]) -> None:
                     f"{size / 1e6:>7.1f}",
                     flush=True,
                 )
+                skeleton_s = skeleton_s or skeleton_pass(capture)
+            print(
+                f"{'':>9} {'skel.':>6} {skeleton_s:>8.2f} {rows / skeleton_s:>9,.0f} "
+                f"{'':>9} {'':>8} {skeleton_s / floor_s:>7.1f}x   (skeleton_pass: split, "
+                "times, TRES, one quantity per row, nothing else)",
+                flush=True,
+            )
             capture.unlink()
 
 
