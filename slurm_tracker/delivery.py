@@ -54,12 +54,12 @@ send.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Literal, Optional, Union
@@ -186,6 +186,40 @@ def _look_up(
 # --- the outbox --------------------------------------------------------------------------------
 
 
+class _Workers:
+    """At most ``count`` threads running the jobs submitted, in order, each job in one thread.
+
+    What ``ThreadPoolExecutor`` did here, without its futures, which nobody read (a job hands
+    its result over itself): their locks and conditions for every event cost about a tenth of
+    the delivery rate at 0 ms of latency. ``shutdown`` lets the jobs already submitted run (a
+    pass that stops makes them return at once), then waits for the threads to end.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._jobs: queue.SimpleQueue[Optional[Callable[[], None]]] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if len(self._threads) < self._count:
+            thread = threading.Thread(
+                target=self._serve, name=f"slurm-tracker-delivery-{len(self._threads)}"
+            )
+            thread.start()
+            self._threads.append(thread)
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        for job in iter(self._jobs.get, None):
+            job()
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
 @dataclass(frozen=True)
 class DeliveryReport:
     """What one delivery pass did with the outbox."""
@@ -267,7 +301,7 @@ class _Pass:
     # -- the dispatcher (the caller's thread): the only writer of the state file
 
     def run(self) -> DeliveryReport:
-        pool = ThreadPoolExecutor(max_workers=self.concurrency) if self.concurrency > 1 else None
+        pool = _Workers(self.concurrency) if self.concurrency > 1 else None
         try:
             for batch in self.batches():
                 if self.stop.is_set():
@@ -283,7 +317,7 @@ class _Pass:
                         continue
                     while self.in_flight >= 2 * self.concurrency:  # workers never wait for us
                         self.take()
-                    pool.submit(self.work, row)
+                    pool.submit(functools.partial(self.work, row))
                     self.in_flight += 1
                     self.drain(block=False)
             self.drain(block=True)
@@ -293,7 +327,7 @@ class _Pass:
             raise
         finally:
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown()
         if self.failure is not None:
             raise self.failure
         if self.dead:

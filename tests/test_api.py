@@ -22,8 +22,9 @@ import responses
 import urllib3.exceptions
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from urllib3.util.ssl_match_hostname import CertificateError as HostnameMismatch
 
-from slurm_tracker import __version__, api, config, errors
+from slurm_tracker import __version__, api, api_client, config, errors
 from slurm_tracker.api import (
     AllocationsClient,
     DeliveryFailed,
@@ -276,6 +277,8 @@ def test_reads_give_up_after_max_attempts(rsps: responses.RequestsMock, rec: Rec
         (refused(), NotSent),
         (requests.exceptions.ConnectTimeout("connect timed out"), NotSent),
         (ssl_error(ssl.SSLCertVerificationError(1, "certificate verify failed")), NotSent),
+        # urllib3 1.x checks the host name itself, after the handshake, before sending
+        (ssl_error(HostnameMismatch("hostname 'a' doesn't match 'b'")), NotSent),
         (ssl_error(ssl.SSLError(1, "bad record mac")), OutcomeUnknown),
         (requests.exceptions.ReadTimeout("read timed out"), OutcomeUnknown),
         (reset_after_send(), OutcomeUnknown),
@@ -776,7 +779,7 @@ def test_iter_usage_stops_after_max_pages(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(api, "MAX_PAGES", 3)
+    monkeypatch.setattr(api_client, "MAX_PAGES", 3)  # where the walk reads it
     rsps.add(responses.GET, USAGE, json=page([item("a")], 1, 1000))
     assert len(list(client(rec).iter_usage("physics"))) == 3
     assert [q["page"] for q in queries(rsps)] == [["1"], ["2"], ["3"]]

@@ -291,6 +291,74 @@ def test_the_cap_is_a_constructor_parameter(server: Server) -> None:
         client.post_usage("physics", BODY)
 
 
+def redirect_huge(total: int, chunked: bool) -> Behaviour:
+    """A 302 to elsewhere with a ``total``-byte body (generated, never held in memory)."""
+
+    def behaviour(handler: Handler) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", "https://elsewhere.example.test/usage")
+        if chunked:
+            handler.send_header("Transfer-Encoding", "chunked")
+        else:
+            handler.send_header("Content-Length", str(total))
+        handler.end_headers()
+        block = b" " * (64 * 1024)
+        frame = b"%x\r\n%s\r\n" % (len(block), block) if chunked else block
+        sent = 0
+        try:
+            while sent < total and not handler.server.stop.is_set():
+                handler.wfile.write(frame)
+                sent += len(block)
+        finally:
+            with handler.server.lock:
+                handler.server.body_bytes_sent.append(sent)
+        handler.close_connection = True
+
+    return behaviour
+
+
+def send_cookie(handler: Handler) -> None:
+    """A 200 with CREATED that sets a cookie (the client sends it back from then on)."""
+    data = json.dumps(CREATED).encode()
+    handler.send_response(200)
+    handler.send_header("Set-Cookie", "lb=node-7; Path=/")
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@pytest.mark.parametrize("cookie", [False, True], ids=["no-cookie", "cookie"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_redirect_with_a_huge_body_is_refused_without_reading_it(
+    server: Server, chunked: bool, cookie: bool
+) -> None:
+    # requests' Session.send reads a redirect's whole body (to follow it, even when told not
+    # to): the client reads it within the limit like any answer, and refuses the redirect
+    client = make_client(server, read_timeout_s=10)
+    if cookie:  # with a cookie held, each request is prepared anew: the same limit applies
+        server.plan("POST", send_cookie)
+        assert client.post_usage("physics", BODY) == CREATED
+        server.seen.clear()
+        assert server.answers_done.acquire(timeout=5)
+    server.plan("POST", redirect_huge(ONE_GB, chunked))
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(api.FatalApiError, match="unexpected redirect to https://elsewhere"):
+            client.post_usage("physics", BODY)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 5
+    assert peak < 8 * MIB, f"{peak / MIB:.1f} MiB allocated while reading"
+    assert server.answers_done.acquire(timeout=5)
+    (sent,) = server.body_bytes_sent
+    assert sent < 64 * MIB, f"the client let the server send {sent / MIB:.0f} MiB"
+    assert server.seen == ["POST"]
+
+
 def test_a_huge_error_answer_keeps_its_status_and_a_short_message(server: Server) -> None:
     def huge_400(handler: Handler) -> None:
         write_body(handler, 400, b'{"message":"' + b"x" * (3 * MIB) + b'"}')

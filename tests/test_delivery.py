@@ -9,6 +9,8 @@ batches, and a row left ``sending`` is looked up before it is posted again.
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -296,6 +298,60 @@ def test_a_state_file_that_cannot_record_stops_the_pass(tmp_path: Path, api: Fak
     assert {s for s, _, _ in statuses(path).values()} == {"sending"}
     report = run(path)
     assert report is not None and report.found_by_lookup == 3 and api.posts == 3
+
+
+def test_concurrency_is_the_number_of_posts_in_flight(tmp_path: Path, api: FakeApi) -> None:
+    path = tmp_path / "state.db"
+    stored(path, events(8))
+    together = threading.Barrier(4, timeout=10)  # passes only with 4 POSTs in flight at once
+    broken: list[BaseException] = []
+
+    def wait_for_the_others(_body: dict[str, Any]) -> None:
+        try:
+            together.wait()
+        except threading.BrokenBarrierError as exc:
+            broken.append(exc)
+
+    api.on_post = wait_for_the_others
+    report = run(path, concurrency=4)
+    assert broken == []
+    assert report is not None and report.acked == 8
+
+
+def test_no_post_is_left_running_when_the_pass_fails(
+    tmp_path: Path, api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the pass stops on a state file that cannot record while other POSTs are in flight: it
+    # returns only once they have ended (nothing is sent behind the caller's back)
+    path = tmp_path / "state.db"
+    stored(path, events(12))
+    monkeypatch.setattr(delivery, "ACK_BATCH", 1)  # record the first outcome at once
+    lock = threading.Lock()
+    calls: list[int] = []
+    in_flight: list[int] = []
+
+    def slow_after_the_first(_body: dict[str, Any]) -> None:
+        with lock:
+            calls.append(1)
+            first = len(calls) == 1
+            if not first:
+                in_flight.append(1)
+        if not first:
+            time.sleep(0.3)
+            with lock:
+                in_flight.pop()
+
+    api.on_post = slow_after_the_first
+    with CountingState.open(path) as store:
+        assert isinstance(store, CountingState)
+        store.fail_outcomes = True
+        with pytest.raises(StateUnavailable):
+            deliver_outbox(store, client(), clock, 4)
+        assert in_flight == []
+        posts = api.posts
+    time.sleep(0.5)
+    assert api.posts == posts  # nothing more was sent after the pass had returned
+    assert 1 < posts <= 1 + 2 * 4  # the rows in flight or queued then, not the whole outbox
 
 
 def test_a_bug_in_a_worker_is_raised_and_its_row_stays_sending(

@@ -556,4 +556,6 @@ def test_the_pipeline_benchmark_runs() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     header, *rows = done.stdout.strip().splitlines()
     assert header.split()[:4] == ["rows", "output", "agent", "s"]
-    assert [row.split()[:2] for row in rows] == [["300", "table"], ["300", "json"]]
+    assert [row.split()[:2] for row in rows[:2]] == [["300", "table"], ["300", "json"]]
+    assert rows[2].split()[0] == "skel." and "skeleton_pass" in rows[2]  # the second reference
+    assert len(rows) == 3
