@@ -157,12 +157,17 @@ def send_json(value: object, size: Optional[int] = None, chunked: bool = False) 
     return behaviour
 
 
-def send_huge(total: int, chunked: bool) -> Behaviour:
-    """A 200 with a ``total``-byte body generated 64 KiB at a time (never held in memory)."""
+def send_huge(total: int, chunked: bool, *, redirect: bool = False) -> Behaviour:
+    """A 200 with a ``total``-byte body generated 64 KiB at a time (never held in memory); with
+    ``redirect``, a 302 to elsewhere with such a body."""
 
     def behaviour(handler: Handler) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/json")
+        if redirect:
+            handler.send_response(302)
+            handler.send_header("Location", "https://elsewhere.example.test/usage")
+        else:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
         if chunked:
             handler.send_header("Transfer-Encoding", "chunked")
         else:
@@ -293,28 +298,7 @@ def test_the_cap_is_a_constructor_parameter(server: Server) -> None:
 
 def redirect_huge(total: int, chunked: bool) -> Behaviour:
     """A 302 to elsewhere with a ``total``-byte body (generated, never held in memory)."""
-
-    def behaviour(handler: Handler) -> None:
-        handler.send_response(302)
-        handler.send_header("Location", "https://elsewhere.example.test/usage")
-        if chunked:
-            handler.send_header("Transfer-Encoding", "chunked")
-        else:
-            handler.send_header("Content-Length", str(total))
-        handler.end_headers()
-        block = b" " * (64 * 1024)
-        frame = b"%x\r\n%s\r\n" % (len(block), block) if chunked else block
-        sent = 0
-        try:
-            while sent < total and not handler.server.stop.is_set():
-                handler.wfile.write(frame)
-                sent += len(block)
-        finally:
-            with handler.server.lock:
-                handler.server.body_bytes_sent.append(sent)
-        handler.close_connection = True
-
-    return behaviour
+    return send_huge(total, chunked, redirect=True)
 
 
 def send_cookie(handler: Handler) -> None:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from benchmarks.bench_pipeline import config_text, write_capture
 from slurm_tracker import inputs, ledger, pipeline, report, report_spool
 from slurm_tracker.cli import main
-from slurm_tracker.cli.sync import _show_plan
+from slurm_tracker.cli.plan_view import show_plan
 from slurm_tracker.config import Config, config_from_text, load_config
 from slurm_tracker.output import OutputFormat
 from slurm_tracker.rating import Catalog
@@ -313,7 +313,7 @@ def test_a_large_dry_run_is_shown_without_holding_its_events(
     monkeypatch.setattr(report_spool, "MEMORY_BYTES", 64 << 10)
 
     def show(run: pipeline.DryRun) -> None:
-        _show_plan(run.plans, run.window, run.source, output, verbose)
+        show_plan(run.plans, run.window, run.source, output, verbose)
 
     shown, lines = _traced(tmp_path, baseline.capture, show)
     assert lines >= baseline.events  # every event was written

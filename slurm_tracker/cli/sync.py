@@ -7,10 +7,10 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, TextIO, Union
+from typing import Optional
 
 import click
 
@@ -38,6 +38,7 @@ from slurm_tracker.cli.common import (
     state_option,
     state_path_of,
 )
+from slurm_tracker.cli.plan_view import show_plan
 from slurm_tracker.config import Config, parse_duration
 from slurm_tracker.errors import TrackerError
 from slurm_tracker.output import OutputFormat, View
@@ -76,70 +77,6 @@ def _input_options(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
-
-
-def _show_plan(
-    plans: Union[pipeline.Plan, Iterable[pipeline.Plan]],
-    window: Optional[pipeline.Window],
-    source: str,
-    output: OutputFormat,
-    verbose: int,
-) -> None:
-    """Print a plan (or the plans of an input's batches, consumed as they come) in bounded
-    memory, whatever the format: JSON event by event; the table (every event with -v) and CSV
-    with their long lists kept in temporary files until the counts, widths and columns are
-    known (report_plan), then written line by line."""
-    batches = [plans] if isinstance(plans, pipeline.Plan) else plans
-    emit(
-        output,
-        View(
-            table=lambda: report.summary_text(
-                report.summarize(batches, verbose=verbose > 0), window, source=source
-            ),
-            write_table=_echoed(
-                lambda out: report.write_plan_table(
-                    batches, window, out, source=source, verbose=verbose > 0
-                )
-            ),
-            write_json=lambda out: report.write_plan_json(batches, window, out),
-            write_csv=_echoed(lambda out: report.write_plan_csv(batches, out)),
-        ),
-    )
-
-
-class _Echo:
-    """A text sink that prints through click.echo, as emit prints a whole text (so escape
-    sequences are stripped when stdout is no terminal, as they always were), in blocks of
-    whole writes (a line or a CSV row: no escape sequence spans two blocks)."""
-
-    def __init__(self, out: TextIO, block: int = 1 << 16) -> None:
-        self.out = out
-        self.block = block
-        self.parts: list[str] = []
-        self.size = 0
-
-    def write(self, text: str, /) -> int:
-        self.parts.append(text)
-        self.size += len(text)
-        if self.size >= self.block:
-            self.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        if self.parts:
-            click.echo("".join(self.parts), file=self.out, nl=False)
-            self.parts, self.size = [], 0
-
-
-def _echoed(write: Callable[[_Echo], None]) -> Callable[[TextIO], None]:
-    """``write`` (a streaming writer) printing to the stream emit gives it through click.echo."""
-
-    def run(out: TextIO) -> None:
-        sink = _Echo(out)
-        write(sink)
-        sink.flush()
-
-    return run
 
 
 @main.command()
@@ -205,7 +142,7 @@ def sync(
                 environ=os.environ,
                 agent=ledger.agent_id(path),
             )
-            _show_plan(run.plans, run.window, run.source, output, verbose)
+            show_plan(run.plans, run.window, run.source, output, verbose)
         return
     request = pipeline.SyncRequest(
         now_at, sacct_file, _fields(sacct_fields), stdin, os.environ, take_over
@@ -412,7 +349,7 @@ def backfill(
             plans = backfilling.preview(
                 config, store, catalog, period, os.environ, saved=saved, progress=shown
             )
-            _show_plan(plans, pipeline.Window(start, end), source, output, verbose)
+            show_plan(plans, pipeline.Window(start, end), source, output, verbose)
         return
 
     def work(store: State, client: api.AllocationsClient) -> pipeline.SyncResult:
