@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any, Optional, Protocol
@@ -91,6 +92,38 @@ def flat_row(row: Any) -> dict[str, Any]:
     return into
 
 
+#: Python 3.13's csv module quotes a cell holding a carriage return; older ones write it bare,
+#: and a lone CR ends the row for many readers (spreadsheets among them). CsvWriter does what
+#: 3.13 does on every version.
+_CSV_QUOTES_CR = sys.version_info >= (3, 13)
+
+
+class CsvWriter:
+    """``csv.writer(out, lineterminator="\n")``, but a cell holding a carriage return is quoted
+    on every Python version (as 3.13 quotes it), so the same rows give the same bytes."""
+
+    def __init__(self, out: TextSink) -> None:
+        self._out = out
+        self._writer = csv.writer(out, lineterminator="\n")
+
+    def writerow(self, row: Sequence[Any]) -> None:
+        if _CSV_QUOTES_CR or not any(isinstance(c, str) and "\r" in c for c in row):
+            self._writer.writerow(row)
+            return
+        self._out.write(",".join(_csv_cell(c) for c in row) + "\n")
+
+
+def _csv_cell(value: Any) -> str:
+    """One cell of a row of several, as the csv module (3.13) writes it."""
+    if isinstance(value, str) and "\r" in value:
+        return '"' + value.replace('"', '""') + '"'
+    if value is None or value == "":
+        return ""
+    one = io.StringIO()
+    csv.writer(one, lineterminator="").writerow([value])
+    return one.getvalue()
+
+
 def csv_text(rows: Sequence[Any]) -> str:
     """CSV of JSON-like rows: one line per row, nested objects as dotted columns (``rated.usd``),
     lists as JSON text; the columns in the order they first appear. Text that a spreadsheet
@@ -98,9 +131,10 @@ def csv_text(rows: Sequence[Any]) -> str:
     flat = [flat_row(row) for row in rows]
     columns = list(dict.fromkeys(k for row in flat for k in row))
     out = io.StringIO()
-    writer = csv.DictWriter(out, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(flat)
+    writer = CsvWriter(out)
+    writer.writerow(columns)
+    for row in flat:
+        writer.writerow([row.get(name, "") for name in columns])
     return out.getvalue()
 
 
@@ -115,8 +149,8 @@ def write_csv(rows: Iterable[Any], out: TextSink) -> None:
             flat = flat_row(row)
             columns.update(dict.fromkeys(flat))
             kept.append({k: _cell(v) for k, v in flat.items()})
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
+        writer = CsvWriter(out)
+        writer.writerow(list(columns))
         names = list(columns)
         for cells in kept:
             writer.writerow([cells.get(name, "") for name in names])

@@ -6,7 +6,9 @@ read from there. CI always has it; elsewhere the tests that need it skip with a 
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,26 @@ def need_shared(relative: str) -> Path:
             pytest.fail(message + " (CI must have it)")
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _agent_logging_reset() -> Iterator[None]:
+    """Every test starts and ends with the agent's logger as a process starts with it: a
+    command run in-process (logs.setup), in a test or in a module-scoped fixture, gives it its
+    own handlers and stops its propagation, which would hide its records from pytest's caplog
+    in every later test of the same process."""
+    _reset_agent_logging()
+    yield
+    _reset_agent_logging()
+
+
+def _reset_agent_logging() -> None:
+    logger = logging.getLogger("slurm_tracker")
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers[:] = []
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
 
 
 @pytest.fixture

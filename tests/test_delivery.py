@@ -330,16 +330,21 @@ def test_no_post_is_left_running_when_the_pass_fails(
     calls: list[int] = []
     in_flight: list[int] = []
 
+    another_started = threading.Event()
+
     def slow_after_the_first(_body: dict[str, Any]) -> None:
         with lock:
             calls.append(1)
             first = len(calls) == 1
             if not first:
                 in_flight.append(1)
-        if not first:
-            time.sleep(0.3)
-            with lock:
-                in_flight.pop()
+        if first:  # answered once another POST is in flight, however loaded the machine is
+            another_started.wait(5)
+            return
+        another_started.set()
+        time.sleep(0.3)
+        with lock:
+            in_flight.pop()
 
     api.on_post = slow_after_the_first
     with CountingState.open(path) as store:

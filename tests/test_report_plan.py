@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.bench_pipeline import config_text, write_capture
-from slurm_tracker import inputs, ledger, pipeline, report, report_spool
+from slurm_tracker import inputs, ledger, pipeline, report, report_format, report_spool
 from slurm_tracker.cli import main
 from slurm_tracker.cli.plan_view import show_plan
 from slurm_tracker.config import Config, config_from_text, load_config
@@ -319,3 +319,14 @@ def test_a_large_dry_run_is_shown_without_holding_its_events(
     assert lines >= baseline.events  # every event was written
     assert shown.peak - baseline.dropped.peak < events_cost // 10, (shown, baseline)
     assert shown.retained - baseline.dropped.retained < events_cost // 100, (shown, baseline)
+
+
+def test_a_cell_with_a_carriage_return_is_quoted_on_every_python() -> None:
+    # Python 3.13's csv quotes it; 3.9-3.12 wrote it bare, and a bare CR ends the row for
+    # spreadsheets. Mutant: CsvWriter passing rows to csv.writer as they are (fails before 3.13).
+    out = io.StringIO()
+    writer = report_format.CsvWriter(out)
+    writer.writerow(["cr\rhere", 'q"\r', "", None, 1.5, "a,b", "plain"])
+    writer.writerow([""])
+    assert out.getvalue() == '"cr\rhere","q""\r",,,1.5,"a,b",plain\n""\n'
+    assert report_format.csv_text([{"name": "x\ry", "n": 2}]) == 'name,n\n"x\ry",2\n'

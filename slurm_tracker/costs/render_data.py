@@ -8,7 +8,6 @@ null when nothing is priced (``currency`` null, ``measure`` "core-hours").
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import os
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any, Optional
 from slurm_tracker.costs.intervals import instant
 from slurm_tracker.costs.model import HOUR, UNALLOCATED, Report, Row
 from slurm_tracker.costs.pricing import RESOURCES
+from slurm_tracker.report_format import CsvWriter
 from slurm_tracker.times import utc_text
 
 SCHEMA = "slurm-tracker.report/1"
@@ -142,7 +142,7 @@ def as_csv(report: Report, top: int) -> str:
     """One table: a ``group`` record per group (and ``total``, ``unallocated``), then an
     ``interval`` record per interval and charted group (``value``: cost, else core-hours)."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = CsvWriter(out)
     writer.writerow(CSV_COLUMNS)
     start, end = rfc3339(report.start), rfc3339(report.end)
     keys = (
