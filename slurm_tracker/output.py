@@ -53,11 +53,11 @@ class View:
     list, else its one row), encoded with ``json_default`` for values JSON has no type for
     (None: such a value is an error). ``write_json``, ``write_table`` and ``write_csv``: write
     that format's whole output (the same text, its last newline included) as it is made
-    (bounded memory), instead of ``data``, ``table`` and ``csv``. ``csv`` and ``html``: the
-    whole text, when the command has its own.
+    (bounded memory), instead of ``data``, ``table`` and ``csv`` (a view with ``write_table``
+    needs no ``table``). ``csv`` and ``html``: the whole text, when the command has its own.
     """
 
-    table: Callable[[], str]
+    table: Optional[Callable[[], str]] = None
     data: Optional[Callable[[], Any]] = None
     json_default: Optional[Callable[[Any], Any]] = jsonable
     write_json: Optional[Callable[[TextIO], None]] = None
@@ -81,7 +81,7 @@ class Renderer:
 
 class TableFormat(Renderer):
     def text(self, view: View) -> str:
-        return view.table() + view.table_end
+        return str(_part(view.table, "table")) + view.table_end
 
     def writer(self, view: View) -> Optional[Callable[[TextIO], None]]:
         return view.write_table

@@ -28,9 +28,6 @@ def show_plan(
     emit(
         output,
         View(
-            table=lambda: report.summary_text(
-                report.summarize(batches, verbose=verbose > 0), window, source=source
-            ),
             write_table=_echoed(
                 lambda out: report.write_plan_table(
                     batches, window, out, source=source, verbose=verbose > 0
